@@ -1,0 +1,190 @@
+//! The contract every session store implements.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Delta, Record, SessionId, Timestamp};
+
+/// The default limit on a session's size (attribute names plus JSON text).
+pub const DEFAULT_MAX_SIZE: usize = 64 * 1024;
+
+/// A boxed error kept as the cause of a [`StoreError`].
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time. HTTP: 503.
+    #[error("session store unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The session would exceed the store's size limit; nothing was written.
+    #[error("session of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The size the session would have had.
+        size: usize,
+        /// The store's limit.
+        limit: usize,
+    },
+    /// A session with that identifier already exists; nothing was written.
+    #[error("session id already in use")]
+    Collision,
+    /// The store holds data it cannot decode. HTTP: 500.
+    #[error("stored session is corrupt")]
+    Corrupt(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps any error as [`StoreError::Unavailable`].
+    pub fn unavailable(e: impl Into<BoxError>) -> Self {
+        Self::Unavailable(e.into())
+    }
+
+    /// Whether a retry later might succeed (the store was unreachable).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// What a load should do about the lazy expiry refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// The caller's current time; a session expired at this time is not returned.
+    pub now: Timestamp,
+    /// Record the access (move `last_access` to `now`) when at least this much
+    /// time has passed since the recorded one; `None` never records it.
+    ///
+    /// Recording only after a fraction of the inactivity window keeps a
+    /// read-only request from being a write most of the time.
+    pub refresh_after: Option<Duration>,
+}
+
+impl Load {
+    /// A pure read at `now`.
+    pub fn at(now: Timestamp) -> Self {
+        Self {
+            now,
+            refresh_after: None,
+        }
+    }
+
+    /// A read at `now` that records the access once `after` has passed.
+    pub fn refreshing(now: Timestamp, after: Duration) -> Self {
+        Self {
+            now,
+            refresh_after: Some(after),
+        }
+    }
+
+    /// Whether `record` should have its access recorded by this load.
+    pub fn should_refresh(&self, record: &Record) -> bool {
+        self.refresh_after
+            .is_some_and(|after| self.now.since(record.last_access) >= after)
+    }
+}
+
+/// Where sessions live: memory, a replicated cluster, Redis.
+///
+/// Every method is one atomic step against the store. Times come from the
+/// caller; a store must treat a session whose [`Record::expires_at`] is at or
+/// before the given time as absent, whatever its own eviction does.
+/// The conformance suite in [`crate::testing`] (feature `testing`) checks an
+/// implementation against this contract.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Inserts `record` if no live session has its identifier.
+    ///
+    /// # Errors
+    /// [`StoreError::Collision`] if the identifier is taken,
+    /// [`StoreError::TooLarge`] if the record exceeds [`Self::max_size`].
+    async fn create(&self, record: &Record) -> Result<(), StoreError>;
+
+    /// Returns the live session `id`, recording the access as `load` says.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot answer.
+    async fn load(&self, id: &SessionId, load: Load) -> Result<Option<Record>, StoreError>;
+
+    /// Applies `delta` to the live session `id` at `now` and returns its new
+    /// version, or `None` if there is no such live session (a deleted or
+    /// expired session is never brought back).
+    ///
+    /// # Errors
+    /// [`StoreError::TooLarge`] if the result would exceed [`Self::max_size`];
+    /// the stored session is then unchanged.
+    async fn apply(
+        &self,
+        id: &SessionId,
+        delta: &Delta,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Deletes session `id`; returns whether a live session was deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot answer.
+    async fn delete(&self, id: &SessionId) -> Result<bool, StoreError>;
+
+    /// Moves the live session `old` to the identifier `new`, applying `delta`
+    /// in the same step; `old` no longer exists afterwards. Returns the new
+    /// version, or `None` if `old` is not a live session.
+    ///
+    /// # Errors
+    /// [`StoreError::Collision`] if `new` is taken, [`StoreError::TooLarge`]
+    /// as for [`Self::apply`]; in both cases nothing changes.
+    async fn rotate(
+        &self,
+        old: &SessionId,
+        new: &SessionId,
+        delta: &Delta,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// The largest session this store accepts, in bytes of [`Record::size`].
+    fn max_size(&self) -> usize {
+        DEFAULT_MAX_SIZE
+    }
+}
+
+macro_rules! forward_store {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<S: SessionStore + ?Sized> SessionStore for $ty {
+            async fn create(&self, record: &Record) -> Result<(), StoreError> {
+                (**self).create(record).await
+            }
+            async fn load(&self, id: &SessionId, load: Load) -> Result<Option<Record>, StoreError> {
+                (**self).load(id, load).await
+            }
+            async fn apply(
+                &self,
+                id: &SessionId,
+                delta: &Delta,
+                now: Timestamp,
+            ) -> Result<Option<u64>, StoreError> {
+                (**self).apply(id, delta, now).await
+            }
+            async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
+                (**self).delete(id).await
+            }
+            async fn rotate(
+                &self,
+                old: &SessionId,
+                new: &SessionId,
+                delta: &Delta,
+                now: Timestamp,
+            ) -> Result<Option<u64>, StoreError> {
+                (**self).rotate(old, new, delta, now).await
+            }
+            fn max_size(&self) -> usize {
+                (**self).max_size()
+            }
+        }
+    };
+}
+
+forward_store!(Arc<S>);
+forward_store!(Box<S>);
