@@ -1,0 +1,66 @@
+//! The tower middleware that gives every request a [`Session`].
+
+mod service;
+
+pub use service::SessionService;
+
+use std::sync::Arc;
+
+use tether_core::SessionStore;
+use tower_layer::Layer;
+
+use crate::config::SessionConfig;
+#[cfg(doc)]
+use crate::Session;
+
+/// Wraps a service so each request carries a [`Session`] backed by a store.
+///
+/// ```
+/// use tether::{MemoryStore, SessionConfig, SessionLayer};
+/// let layer = SessionLayer::new(MemoryStore::default())
+///     .with_config(SessionConfig::default().with_secure(false));
+/// # let _ = layer;
+/// ```
+#[derive(Clone)]
+pub struct SessionLayer {
+    store: Arc<dyn SessionStore>,
+    config: Arc<SessionConfig>,
+}
+
+impl std::fmt::Debug for SessionLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionLayer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SessionLayer {
+    /// A layer over `store` with the default configuration.
+    pub fn new(store: impl SessionStore) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A layer over a store shared with other code (to read its statistics, say).
+    pub fn from_arc(store: Arc<dyn SessionStore>) -> Self {
+        Self {
+            store,
+            config: Arc::new(SessionConfig::default()),
+        }
+    }
+
+    /// Replaces the configuration.
+    #[must_use]
+    pub fn with_config(mut self, config: SessionConfig) -> Self {
+        self.config = Arc::new(config);
+        self
+    }
+}
+
+impl<S> Layer<S> for SessionLayer {
+    type Service = SessionService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SessionService::new(inner, self.store.clone(), self.config.clone())
+    }
+}

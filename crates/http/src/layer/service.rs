@@ -1,0 +1,203 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum_core::body::Body;
+use axum_core::response::Response;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use tether_core::{SessionId, SessionStore};
+use tower_service::Service;
+
+use crate::config::SessionConfig;
+use crate::error::{error_response, store_message, store_status};
+use crate::session::{Outcome, Session};
+
+/// The service built by [`crate::SessionLayer`].
+#[derive(Clone)]
+pub struct SessionService<S> {
+    inner: S,
+    store: Arc<dyn SessionStore>,
+    config: Arc<SessionConfig>,
+}
+
+impl<S> std::fmt::Debug for SessionService<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> SessionService<S> {
+    pub(crate) fn new(inner: S, store: Arc<dyn SessionStore>, config: Arc<SessionConfig>) -> Self {
+        Self {
+            inner,
+            store,
+            config,
+        }
+    }
+}
+
+/// How the client sent its ID, so the answer goes back the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Cookie,
+    Header,
+    Nothing,
+}
+
+/// The first value of cookie `name` that parses as a session ID.
+///
+/// A malformed value is "no session": it never reaches the store.
+pub(crate) fn id_from_cookies(headers: &HeaderMap, name: &str) -> Option<SessionId> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(k, _)| *k == name)
+        .find_map(|(_, v)| SessionId::parse(v.trim_matches('"')).ok())
+}
+
+fn incoming(headers: &HeaderMap, config: &SessionConfig) -> (Option<SessionId>, Via) {
+    if let Some(id) = id_from_cookies(headers, &config.cookie_name) {
+        return (Some(id), Via::Cookie);
+    }
+    if let Some(name) = &config.header {
+        if let Some(id) = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| SessionId::parse(v.trim()).ok())
+        {
+            return (Some(id), Via::Header);
+        }
+    }
+    (None, Via::Nothing)
+}
+
+fn apply_outcome(headers: &mut HeaderMap, outcome: &Outcome, via: Via, config: &SessionConfig) {
+    let (cookie, token) = match outcome {
+        Outcome::Nothing => return,
+        Outcome::Issue(id) => {
+            let id = id.encode();
+            (config.set_cookie(id.as_str()), id.as_str().to_string())
+        }
+        Outcome::Remove => (config.removal_cookie(), String::new()),
+    };
+    if via != Via::Header {
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            headers.append(header::SET_COOKIE, v);
+        }
+        // A shared cache must never replay one user's session cookie to another.
+        if !headers.contains_key(header::CACHE_CONTROL) {
+            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+        }
+    }
+    if let Some(name) = &config.header {
+        if via != Via::Cookie {
+            if let Ok(v) = HeaderValue::from_str(&token) {
+                headers.insert(name.clone(), v);
+            }
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SessionService<S>
+where
+    S: Service<Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<axum_core::BoxError>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        // The clone that was polled ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        let (id, via) = incoming(req.headers(), &config);
+        let session = Session::new(self.store.clone(), config.clone(), id);
+        req.extensions_mut().insert(session.clone());
+
+        Box::pin(async move {
+            let response = inner.call(req).await?.map(Body::new);
+            if session.failed() {
+                // The handler met a store failure, whatever it answered: a
+                // missing session must not pass for a logged-out user.
+                return Ok(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "session store unavailable: your session is intact, try again shortly\n"
+                        .to_string(),
+                ));
+            }
+            if response.status().is_server_error() {
+                return Ok(response);
+            }
+            match session.save().await {
+                Ok(outcome) => {
+                    let mut response = response;
+                    apply_outcome(response.headers_mut(), &outcome, via, &config);
+                    Ok(response)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "saving the session failed");
+                    Ok(error_response(store_status(&e), store_message(&e)))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(cookies: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for c in cookies {
+            h.append(header::COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn finds_the_session_cookie_among_others() {
+        let id = SessionId::random();
+        let h = headers(&["theme=dark", &format!("a=1; SESSION={id}; b=2")]);
+        assert_eq!(id_from_cookies(&h, "SESSION"), Some(id));
+    }
+
+    #[test]
+    fn malformed_values_are_no_session() {
+        let id = SessionId::random().to_string();
+        for bad in [
+            format!("SESSION={}", &id[..21]),
+            format!("SESSION={id}A"),
+            "SESSION=../../etc/passwd".to_string(),
+            "SESSION=".to_string(),
+            "SESSION".to_string(),
+            format!("SESSIONX={id}"),
+            format!("session={id}"),
+        ] {
+            assert_eq!(id_from_cookies(&headers(&[&bad]), "SESSION"), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_forged_value_does_not_hide_a_valid_one() {
+        let id = SessionId::random();
+        let h = headers(&[&format!("SESSION=forged; SESSION={id}")]);
+        assert_eq!(id_from_cookies(&h, "SESSION"), Some(id));
+    }
+}

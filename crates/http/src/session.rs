@@ -1,0 +1,454 @@
+//! The per-request [`Session`] handle.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tether_core::{millis, Delta, Load, Record, SessionId, SessionStore, StoreError, Timestamp};
+use tokio::sync::OnceCell;
+
+use crate::config::SessionConfig;
+use crate::error::SessionError;
+
+/// Handle to the current request's session.
+///
+/// Cheap to clone; every clone sees the same state. Nothing touches the store
+/// until a method needs stored data, so a handler that never reads the session
+/// costs no store I/O. Writes are collected as a [`Delta`] (only the
+/// attributes this request changed) and saved once, after the handler, by the
+/// [`crate::SessionLayer`] — unless the response is a 5xx.
+///
+/// Handlers take it as an axum extractor:
+///
+/// ```
+/// use axum::{routing::post, Json, Router};
+/// use tether::{MemoryStore, Session, SessionError, SessionLayer};
+///
+/// async fn login(session: Session, Json(member): Json<u64>) -> Result<&'static str, SessionError> {
+///     session.cycle_id().await?; // a new ID at login defeats session fixation
+///     session.insert("loginMember", member).await?;
+///     Ok("ok")
+/// }
+///
+/// let app: Router = Router::new()
+///     .route("/login", post(login))
+///     .layer(SessionLayer::new(MemoryStore::default()));
+/// ```
+#[derive(Clone)]
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn SessionStore>,
+    config: Arc<SessionConfig>,
+    now: Timestamp,
+    incoming: Option<SessionId>,
+    loaded: OnceCell<Option<Record>>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    delta: Delta,
+    /// The ID a new or rotated session will get.
+    next_id: Option<SessionId>,
+    rotate: bool,
+    destroyed: bool,
+    /// A store operation failed while the handler ran.
+    failed: bool,
+}
+
+/// What saving the session asks of the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Leave the response alone.
+    Nothing,
+    /// Hand this ID to the client (new, rotated, or re-sent to slide `Max-Age`).
+    Issue(SessionId),
+    /// Tell the client to forget its ID.
+    Remove,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("incoming", &self.inner.incoming)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Box<RawValue>, SessionError> {
+    serde_json::value::to_raw_value(value).map_err(|source| SessionError::Encode {
+        key: key.to_string(),
+        source,
+    })
+}
+
+fn decode<T: DeserializeOwned>(key: &str, raw: &RawValue) -> Result<T, SessionError> {
+    serde_json::from_str(raw.get()).map_err(|source| SessionError::Decode {
+        key: key.to_string(),
+        source,
+    })
+}
+
+impl Session {
+    pub(crate) fn new(
+        store: Arc<dyn SessionStore>,
+        config: Arc<SessionConfig>,
+        incoming: Option<SessionId>,
+    ) -> Self {
+        let now = (config.clock)();
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                now,
+                incoming,
+                loaded: OnceCell::new(),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// The stored session, loaded at most once per request.
+    async fn record(&self) -> Result<Option<&Record>, SessionError> {
+        let Some(id) = self.inner.incoming else {
+            return Ok(None);
+        };
+        let load = Load::refreshing(self.inner.now, self.inner.config.refresh_after());
+        let loaded = self
+            .inner
+            .loaded
+            .get_or_try_init(|| self.inner.store.load(&id, load))
+            .await;
+        match loaded {
+            Ok(record) => Ok(record.as_ref()),
+            Err(e) => {
+                lock(&self.inner.state).failed = true;
+                Err(SessionError::Store(e))
+            }
+        }
+    }
+
+    /// Reads attribute `key`.
+    ///
+    /// ```
+    /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
+    /// let member: Option<u64> = session.get("loginMember").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`SessionError::Store`] if the session had to be loaded and the store
+    /// failed; [`SessionError::Decode`] if the value is not a `T`.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        {
+            let state = lock(&self.inner.state);
+            if let Some(change) = state.delta.changes.get(key) {
+                return change.as_deref().map(|raw| decode(key, raw)).transpose();
+            }
+            if state.delta.clear || state.destroyed {
+                return Ok(None);
+            }
+        }
+        let record = self.record().await?;
+        record
+            .and_then(|r| r.attributes.get(key))
+            .map(|raw| decode(key, raw))
+            .transpose()
+    }
+
+    /// Sets attribute `key` to `value`, creating the session if there is none.
+    ///
+    /// Does not load the session: a request that only writes costs one store
+    /// operation, at save time.
+    ///
+    /// ```
+    /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
+    /// session.insert("loginMember", 7).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`SessionError::Encode`] if `value` does not serialize to JSON;
+    /// [`SessionError::TooLarge`] if it alone, or the loaded session with it,
+    /// exceeds the store's size limit. Nothing is changed on error.
+    pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
+        let raw = encode(key, &value)?;
+        self.set_raw(key, Some(raw))
+    }
+
+    /// Removes attribute `key` and returns its old value.
+    ///
+    /// ```
+    /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
+    /// let old: Option<Vec<String>> = session.remove("cart").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn remove<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, SessionError> {
+        let old = self.get::<T>(key).await?;
+        if old.is_some() {
+            self.set_raw(key, None)?;
+        }
+        Ok(old)
+    }
+
+    /// Changes attribute `key` in place; the change is saved only if the value
+    /// actually changed. `None` means absent; leaving `None` removes it.
+    ///
+    /// ```
+    /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
+    /// let items = session
+    ///     .modify("cart", |cart: &mut Option<Vec<String>>| {
+    ///         let cart = cart.get_or_insert_with(Vec::new);
+    ///         cart.push("book".into());
+    ///         cart.len()
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Session::get`] and [`Session::insert`].
+    pub async fn modify<T, R>(
+        &self,
+        key: &str,
+        f: impl FnOnce(&mut Option<T>) -> R,
+    ) -> Result<R, SessionError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let mut value = self.get::<T>(key).await?;
+        let before = value.as_ref().map(|v| encode(key, v)).transpose()?;
+        let out = f(&mut value);
+        let after = value.as_ref().map(|v| encode(key, v)).transpose()?;
+        if before.as_ref().map(|r| r.get()) != after.as_ref().map(|r| r.get()) {
+            self.set_raw(key, after)?;
+        }
+        Ok(out)
+    }
+
+    /// Removes every attribute; the session (and its ID) stays.
+    pub async fn clear(&self) {
+        let mut state = lock(&self.inner.state);
+        state.delta.changes.clear();
+        state.delta.clear = true;
+    }
+
+    /// Gives the session a new ID when the response is sent, keeping its
+    /// attributes; the old ID stops working. Call it at login and on any
+    /// privilege change to defeat session fixation.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for stores that rotate eagerly.
+    pub async fn cycle_id(&self) -> Result<(), SessionError> {
+        let mut state = lock(&self.inner.state);
+        if !state.destroyed {
+            state.rotate = true;
+            state.next_id = Some(SessionId::random());
+        }
+        Ok(())
+    }
+
+    /// Ends the session: it is deleted from the store when the response is
+    /// sent, and the client is told to drop its cookie. Attributes set after
+    /// this call start a new session with a new ID.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for stores that delete eagerly.
+    pub async fn destroy(&self) -> Result<(), SessionError> {
+        let mut state = lock(&self.inner.state);
+        state.destroyed = true;
+        state.rotate = false;
+        state.delta = Delta::default();
+        state.next_id = None;
+        Ok(())
+    }
+
+    /// Sets this session's inactivity timeout (for example a longer one for
+    /// "remember me"); saved with the response.
+    pub fn set_idle_timeout(&self, idle: std::time::Duration) {
+        lock(&self.inner.state).delta.idle_ms = Some(millis(idle));
+    }
+
+    /// The ID the client will hold after this response, if it will hold one.
+    ///
+    /// # Errors
+    /// [`SessionError::Store`] if the session had to be loaded and the store failed.
+    pub async fn id(&self) -> Result<Option<SessionId>, SessionError> {
+        fn new_id(state: &mut State) -> Option<SessionId> {
+            let sets = state.delta.changes.values().any(Option::is_some);
+            sets.then(|| *state.next_id.get_or_insert_with(SessionId::random))
+        }
+        {
+            let mut state = lock(&self.inner.state);
+            if state.destroyed {
+                return Ok(new_id(&mut state));
+            }
+            if state.rotate {
+                return Ok(state.next_id);
+            }
+        }
+        if self.record().await?.is_some() {
+            return Ok(self.inner.incoming);
+        }
+        Ok(new_id(&mut lock(&self.inner.state)))
+    }
+
+    /// Whether a store operation failed while the handler ran; the layer then
+    /// answers 503 whatever the handler did, so a failure is never mistaken
+    /// for "not logged in".
+    pub(crate) fn failed(&self) -> bool {
+        lock(&self.inner.state).failed
+    }
+
+    fn set_raw(&self, key: &str, value: Option<Box<RawValue>>) -> Result<(), SessionError> {
+        let limit = self.inner.store.max_size();
+        if let Some(raw) = &value {
+            let size = key.len() + raw.get().len();
+            if size > limit {
+                return Err(SessionError::TooLarge { size, limit });
+            }
+        }
+        let mut state = lock(&self.inner.state);
+        let previous = state.delta.changes.insert(key.to_string(), value);
+        // When the stored session is at hand, check the whole projected size
+        // now, so the handler (not the save) sees the error.
+        if let Some(Some(record)) = self.inner.loaded.get() {
+            if !state.destroyed {
+                let size = record.size_after(&state.delta);
+                if size > limit {
+                    match previous {
+                        Some(p) => state.delta.changes.insert(key.to_string(), p),
+                        None => state.delta.changes.remove(key),
+                    };
+                    return Err(SessionError::TooLarge { size, limit });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what this request changed; called once, after the handler.
+    pub(crate) async fn save(&self) -> Result<Outcome, StoreError> {
+        let store = &self.inner.store;
+        let now = self.inner.now;
+        let (delta, rotate, destroyed, next_id) = {
+            let mut state = lock(&self.inner.state);
+            (
+                std::mem::take(&mut state.delta),
+                state.rotate,
+                state.destroyed,
+                state.next_id,
+            )
+        };
+        // What the handler saw: Some(true) a live session, Some(false) none,
+        // None not loaded (the cookie's ID is unverified).
+        let seen = self.inner.loaded.get().map(Option::is_some);
+        let existing = match seen {
+            Some(false) => None,
+            _ => self.inner.incoming,
+        };
+
+        if destroyed {
+            if let Some(id) = existing {
+                store.delete(&id).await?;
+            }
+            if delta.is_empty() {
+                return Ok(if self.inner.incoming.is_some() {
+                    Outcome::Remove
+                } else {
+                    Outcome::Nothing
+                });
+            }
+            return Ok(match self.create(&delta, next_id).await? {
+                Outcome::Nothing if self.inner.incoming.is_some() => Outcome::Remove,
+                outcome => outcome,
+            });
+        }
+
+        match existing {
+            Some(old) if rotate => {
+                let mut new = next_id.unwrap_or_else(SessionId::random);
+                for _ in 0..8 {
+                    match store.rotate(&old, &new, &delta, now).await {
+                        Ok(Some(_)) => return Ok(Outcome::Issue(new)),
+                        Ok(None) => return self.create(&delta, Some(new)).await,
+                        Err(StoreError::Collision) => new = SessionId::random(),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(StoreError::Collision)
+            }
+            Some(id) if !delta.is_empty() => match store.apply(&id, &delta, now).await? {
+                Some(_) => Ok(self.slide(id)),
+                // Expired or deleted meanwhile: never resurrect a client-supplied
+                // ID; start a fresh session holding this request's writes.
+                None => self.create(&delta, next_id).await,
+            },
+            Some(id) => {
+                let refreshed = self
+                    .inner
+                    .loaded
+                    .get()
+                    .and_then(Option::as_ref)
+                    .is_some_and(|r| r.last_access == now);
+                Ok(if refreshed {
+                    self.slide(id)
+                } else {
+                    Outcome::Nothing
+                })
+            }
+            None => self.create(&delta, next_id).await,
+        }
+    }
+
+    /// Re-sends the cookie when it has a `Max-Age`, so the browser's expiry
+    /// slides with the session's.
+    fn slide(&self, id: SessionId) -> Outcome {
+        if self.inner.config.max_age.is_some() {
+            Outcome::Issue(id)
+        } else {
+            Outcome::Nothing
+        }
+    }
+
+    /// Creates a new session from the sets in `delta`; nothing if it sets nothing.
+    async fn create(&self, delta: &Delta, id: Option<SessionId>) -> Result<Outcome, StoreError> {
+        let mut record = Record::new(
+            id.unwrap_or_else(SessionId::random),
+            self.inner.now,
+            self.inner.config.expiry,
+        );
+        for (key, value) in &delta.changes {
+            if let Some(value) = value {
+                record.attributes.insert(key.clone(), value.clone());
+            }
+        }
+        if let Some(idle) = delta.idle_ms {
+            record.idle_ms = idle;
+        }
+        // No removal cookie for a stale ID here: a concurrent request may
+        // just have rotated it, and removing the cookie would log the user out.
+        if record.attributes.is_empty() {
+            return Ok(Outcome::Nothing);
+        }
+        for _ in 0..8 {
+            match self.inner.store.create(&record).await {
+                Ok(()) => return Ok(Outcome::Issue(record.id)),
+                Err(StoreError::Collision) => record.id = SessionId::random(),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Collision)
+    }
+}
