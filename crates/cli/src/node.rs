@@ -1,0 +1,380 @@
+//! `tether node`: the reference app server, built with the library exactly as
+//! a user would build theirs.
+//!
+//! | route | does |
+//! |---|---|
+//! | `GET /login` | an HTML login form |
+//! | `POST /login` | JSON `{"member":7}` or form `member=7`: rotates the ID, stores `loginMember` |
+//! | `GET /mypage` | read-only: the logged-in member, or 401 |
+//! | `POST /cart` | JSON `{"item":"book"}` or form `item=book`: appends to the `cart` list |
+//! | `POST /logout` | destroys the session |
+//! | `GET /health` | 200 when ready, 503 when not (starting or shutting down) |
+//! | `GET /stats` | sessions and bytes held by this node's store, requests served |
+//!
+//! Every response carries `X-Tether-Node: <id>` so a person or a test can see
+//! which server answered. With `Accept: text/html` the pages are HTML.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tether::{MemoryStore, Session, SessionConfig, SessionError, SessionLayer};
+
+/// Where a node keeps sessions, from `--store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSpec {
+    /// This process's memory (the `local` strategy).
+    Memory,
+}
+
+impl std::str::FromStr for StoreSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "memory" => Ok(Self::Memory),
+            other => Err(format!(
+                "unknown store {other:?}: this build supports `memory` \
+                 (redis://…, cluster and jwt are not implemented yet)"
+            )),
+        }
+    }
+}
+
+/// Settings of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node's name, shown in every response.
+    pub id: String,
+    /// The session store.
+    pub store: StoreSpec,
+    /// Whether the session cookie carries `Secure`.
+    pub cookie_secure: bool,
+    /// Inactivity timeout of sessions.
+    pub idle_timeout: Duration,
+    /// The largest session accepted, in bytes.
+    pub max_session_bytes: usize,
+}
+
+impl NodeConfig {
+    /// A node named `id` with a memory store and library defaults.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            store: StoreSpec::Memory,
+            cookie_secure: true,
+            idle_timeout: Duration::from_secs(1800),
+            max_session_bytes: tether_core::DEFAULT_MAX_SIZE,
+        }
+    }
+}
+
+/// A node's shared state.
+#[derive(Clone)]
+pub struct Node {
+    id: Arc<str>,
+    ready: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    memory: Option<Arc<MemoryStore>>,
+}
+
+impl Node {
+    /// Marks the node ready (`/health` 200) or not (503).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+}
+
+/// Builds the node's router and its state handle.
+pub fn app(config: &NodeConfig) -> (Router, Node) {
+    let (store, memory): (Arc<dyn tether::SessionStore>, _) = match config.store {
+        StoreSpec::Memory => {
+            let store = Arc::new(MemoryStore::new().with_max_size(config.max_session_bytes));
+            (store.clone(), Some(store))
+        }
+    };
+    let node = Node {
+        id: config.id.as_str().into(),
+        ready: Arc::new(AtomicBool::new(true)),
+        requests: Arc::new(AtomicU64::new(0)),
+        memory,
+    };
+    let sessions = SessionConfig::default()
+        .with_secure(config.cookie_secure)
+        .with_idle_timeout(config.idle_timeout)
+        .with_header("X-Auth-Token");
+    let router = Router::new()
+        .route("/", get(mypage))
+        .route("/login", get(login_page).post(login))
+        .route("/mypage", get(mypage))
+        .route("/cart", post(cart))
+        .route("/logout", post(logout))
+        .layer(SessionLayer::from_arc(store).with_config(sessions))
+        // Health and stats sit outside the session layer: probes carry no session.
+        .route("/health", get(health))
+        .route("/stats", get(stats))
+        .layer(middleware::from_fn_with_state(node.clone(), tag))
+        .with_state(node.clone());
+    (router, node)
+}
+
+/// Serves the node on `listen` until `shutdown` resolves, then drains.
+///
+/// Prints `tether node ID listening on http://ADDR` on stdout once bound
+/// (the test kit and the demo read it; port 0 picks a free port).
+///
+/// # Errors
+/// If binding or serving fails.
+pub async fn serve(
+    config: NodeConfig,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (router, node) = app(&config);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(node = %config.id, %addr, store = ?config.store, "node started");
+    println!("tether node {} listening on http://{addr}", config.id);
+    let draining = node.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Tell the balancer to stop sending new work while in-flight requests finish.
+            draining.set_ready(false);
+            tracing::info!("shutting down: draining in-flight requests");
+        })
+        .await?;
+    tracing::info!(node = %config.id, "node stopped");
+    Ok(())
+}
+
+async fn tag(State(node): State<Node>, req: Request, next: Next) -> Response {
+    node.requests.fetch_add(1, Ordering::Relaxed);
+    let mut res = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&node.id) {
+        res.headers_mut().insert("x-tether-node", v);
+    }
+    res
+}
+
+fn wants_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
+}
+
+/// Parses a JSON or urlencoded form body by its content type.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, String> {
+    if is_form(headers) {
+        serde_urlencoded::from_bytes(body).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(body).map_err(|e| e.to_string())
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '&' => "&amp;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+fn page(node: &str, title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title} · node {node}</title>\
+         <style>body{{font-family:sans-serif;max-width:36em;margin:2em auto}}\
+         .node{{color:#fff;background:#246;padding:.1em .5em;border-radius:.3em}}</style></head>\
+         <body><p>served by node <span class=\"node\" id=\"node\">{node}</span></p>\
+         <h1>{title}</h1>{body}</body></html>",
+        node = escape(node),
+    ))
+}
+
+fn bad_request(node: &str, message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "error": message, "node": node })),
+    )
+        .into_response()
+}
+
+const LOGIN_FORM: &str = "<form method=\"post\" action=\"/login\">\
+    <label>member <input name=\"member\" type=\"number\" min=\"0\" value=\"7\"></label> \
+    <button>log in</button></form>";
+
+async fn login_page(State(node): State<Node>) -> Html<String> {
+    page(&node.id, "log in", LOGIN_FORM)
+}
+
+#[derive(Deserialize)]
+struct Login {
+    member: u64,
+}
+
+async fn login(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, SessionError> {
+    let login: Login = match parse_body(&headers, &body) {
+        Ok(l) => l,
+        Err(e) => {
+            return Ok(bad_request(
+                &node.id,
+                format!("expected {{\"member\": <number>}}: {e}"),
+            ))
+        }
+    };
+    session.cycle_id().await?;
+    session.insert("loginMember", login.member).await?;
+    tracing::debug!(member = login.member, "login");
+    if wants_html(&headers) {
+        let body = format!(
+            "<p>logged in as member <b id=\"member\">{}</b>.</p><p><a href=\"/mypage\">my page</a></p>",
+            login.member
+        );
+        return Ok(page(&node.id, "welcome", &body).into_response());
+    }
+    Ok(Json(json!({ "member": login.member, "node": &*node.id })).into_response())
+}
+
+async fn mypage(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+) -> Result<Response, SessionError> {
+    let member = session.get::<u64>("loginMember").await?;
+    let html = wants_html(&headers);
+    Ok(match member {
+        Some(member) if html => {
+            let cart: Vec<String> = session.get("cart").await?.unwrap_or_default();
+            let items: String = cart
+                .iter()
+                .map(|i| format!("<li>{}</li>", escape(i)))
+                .collect();
+            let body = format!(
+                "<p>logged in as member <b id=\"member\">{member}</b></p>\
+                 <h2>cart</h2><ul id=\"cart\">{items}</ul>\
+                 <form method=\"post\" action=\"/cart\"><input name=\"item\" value=\"book\"> <button>add</button></form>\
+                 <form method=\"post\" action=\"/logout\"><button>log out</button></form>"
+            );
+            page(&node.id, "my page", &body).into_response()
+        }
+        Some(member) => Json(json!({ "member": member, "node": &*node.id })).into_response(),
+        None if html => (
+            StatusCode::UNAUTHORIZED,
+            page(&node.id, "not logged in", LOGIN_FORM),
+        )
+            .into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "not logged in", "node": &*node.id })),
+        )
+            .into_response(),
+    })
+}
+
+#[derive(Deserialize)]
+struct Item {
+    item: String,
+}
+
+async fn cart(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, SessionError> {
+    let item: Item = match parse_body(&headers, &body) {
+        Ok(i) => i,
+        Err(e) => {
+            return Ok(bad_request(
+                &node.id,
+                format!("expected {{\"item\": <text>}}: {e}"),
+            ))
+        }
+    };
+    let cart = session
+        .modify("cart", |cart: &mut Option<Vec<String>>| {
+            let cart = cart.get_or_insert_with(Vec::new);
+            cart.push(item.item);
+            cart.clone()
+        })
+        .await?;
+    if wants_html(&headers) {
+        let items: String = cart
+            .iter()
+            .map(|i| format!("<li>{}</li>", escape(i)))
+            .collect();
+        let body = format!("<ul id=\"cart\">{items}</ul><p><a href=\"/mypage\">my page</a></p>");
+        return Ok(page(&node.id, "cart", &body).into_response());
+    }
+    Ok(Json(json!({ "cart": cart, "node": &*node.id })).into_response())
+}
+
+async fn logout(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+) -> Result<Response, SessionError> {
+    session.destroy().await?;
+    if wants_html(&headers) {
+        return Ok(page(&node.id, "logged out", LOGIN_FORM).into_response());
+    }
+    Ok(Json(json!({ "logged_out": true, "node": &*node.id })).into_response())
+}
+
+async fn health(State(node): State<Node>) -> Response {
+    if node.ready.load(Ordering::SeqCst) {
+        Json(json!({ "status": "ready", "node": &*node.id })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "node": &*node.id })),
+        )
+            .into_response()
+    }
+}
+
+async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
+    let (sessions, bytes) = node
+        .memory
+        .as_ref()
+        .map(|m| {
+            let s = m.stats();
+            (s.sessions, s.bytes)
+        })
+        .unwrap_or_default();
+    Json(json!({
+        "node": &*node.id,
+        "requests": node.requests.load(Ordering::Relaxed),
+        "sessions": sessions,
+        "session_bytes": bytes,
+    }))
+}

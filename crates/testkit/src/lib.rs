@@ -1,0 +1,57 @@
+//! Test kit for tether: real processes and servers on free loopback ports.
+//!
+//! - [`Process`] runs a server binary as a child (killed on drop, and by the
+//!   kernel if the test process dies) and learns its address from the
+//!   `listening on http://…` line it prints, so ports are chosen by the OS and
+//!   never collide between parallel tests.
+//! - [`TestServer`] serves an axum router in process on `127.0.0.1:0`.
+//! - [`Client`] is an HTTP client with a cookie jar shared across hosts and
+//!   ports, as a browser shares `localhost` cookies across ports: exactly the
+//!   situation of one user talking to several servers.
+//! - [`RedisServer`] starts a private `redis-server` in a temp dir.
+//! - [`eventually`] polls a condition with a deadline instead of sleeping.
+
+mod client;
+mod process;
+mod redis;
+
+pub use client::{Client, Response};
+pub use process::{node_args, Process, TestServer};
+pub use redis::{ping as redis_ping, RedisServer};
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Errors from the test kit; tests unwrap them.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+/// Results from the test kit.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A port that was free a moment ago on 127.0.0.1, for programs that cannot
+/// bind port 0 themselves. Callers must retry if it was taken meanwhile.
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `within`
+/// naming `what` was awaited.
+///
+/// # Errors
+/// When `within` passes without `check` succeeding.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out after {within:?} waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,209 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+
+use crate::Result;
+
+/// The marker a server prints on stdout once it accepts connections.
+const LISTENING: &str = "listening on http://";
+
+/// A server running as a child process.
+///
+/// Dropping it kills the process (SIGKILL). On Linux the kernel also kills it
+/// if the process that started it dies, so a crashed test leaves no orphans.
+pub struct Process {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.child.id())
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Arguments of `tether node` for node `id` on a free loopback port with `store`.
+pub fn node_args(id: &str, store: &str) -> Vec<String> {
+    [
+        "node",
+        "--id",
+        id,
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store,
+        "--cookie-secure",
+        "false",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Process {
+    /// Starts `bin args…` and waits (up to 30 s) for its `listening on` line.
+    ///
+    /// # Errors
+    /// If it cannot start, exits, or does not announce an address in time;
+    /// the error includes its log.
+    pub async fn spawn(bin: &Path, args: &[String]) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tether-proc-").tempdir()?;
+        let log = dir.path().join("stderr.log");
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true);
+        #[cfg(target_os = "linux")]
+        // SAFETY: prctl is async-signal-safe and touches only this child.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = oneshot::channel();
+        // Keep draining stdout for the child's whole life so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.split(LISTENING).nth(1) {
+                    let addr = rest.split(['/', ' ']).next().unwrap_or_default();
+                    if let (Some(tx), Ok(addr)) = (tx.take(), addr.parse::<SocketAddr>()) {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(addr)) => addr,
+            _ => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!(
+                    "{} {:?} did not announce its address; log:\n{text}",
+                    bin.display(),
+                    args
+                )
+                .into());
+            }
+        };
+        Ok(Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Its process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL, as a crash would, and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Sends SIGTERM and waits up to `within` for it to exit; kills it after that.
+    ///
+    /// # Errors
+    /// If it had to be killed.
+    pub async fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let pid = libc::pid_t::try_from(pid)?;
+            // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => Ok(status?),
+            Err(_) => {
+                self.kill().await;
+                Err("did not exit after SIGTERM".into())
+            }
+        }
+    }
+
+    /// Whether it has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// An axum router served in this process on a free loopback port.
+///
+/// Dropping it stops the server.
+#[derive(Debug)]
+pub struct TestServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestServer {
+    /// Serves `router` on `127.0.0.1:0`.
+    ///
+    /// # Errors
+    /// If binding fails.
+    pub async fn serve(router: axum::Router) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(Self { addr, task })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr` followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
