@@ -1,0 +1,151 @@
+//! A handler reading one session attribute: tether + `MemoryStore` against
+//! tower-sessions + its `MemoryStore`, in the same process and the same run.
+//!
+//! Each server runs on its own single-threaded runtime (one core each), and
+//! `wrk` drives them in alternating rounds with a logged-in session cookie.
+//!
+//! ```text
+//! cargo bench -p tether-bench --bench session_read -- [--seconds 5] [--rounds 3] [--connections 16]
+//! ```
+
+use std::net::SocketAddr;
+
+use axum::routing::{get, post};
+use axum::Router;
+use tether_bench::{median, wrk, WrkResult};
+use tether_testkit::Client;
+
+fn tether_app() -> Router {
+    async fn login(session: tether::Session) -> Result<&'static str, tether::SessionError> {
+        session.insert("loginMember", 7u64).await?;
+        Ok("ok")
+    }
+    async fn mypage(session: tether::Session) -> Result<String, tether::SessionError> {
+        Ok(session
+            .get::<u64>("loginMember")
+            .await?
+            .map_or_else(|| "anonymous".into(), |m| m.to_string()))
+    }
+    Router::new()
+        .route("/login", post(login))
+        .route("/mypage", get(mypage))
+        .layer(
+            tether::SessionLayer::new(tether::MemoryStore::new())
+                .with_config(tether::SessionConfig::default().with_secure(false)),
+        )
+}
+
+fn tower_sessions_app() -> Router {
+    use tower_sessions::{MemoryStore, Session, SessionManagerLayer};
+    async fn login(session: Session) -> &'static str {
+        session.insert("loginMember", 7u64).await.expect("insert");
+        "ok"
+    }
+    async fn mypage(session: Session) -> String {
+        session
+            .get::<u64>("loginMember")
+            .await
+            .expect("get")
+            .map_or_else(|| "anonymous".into(), |m| m.to_string())
+    }
+    Router::new()
+        .route("/login", post(login))
+        .route("/mypage", get(mypage))
+        .layer(SessionManagerLayer::new(MemoryStore::default()).with_secure(false))
+}
+
+/// Serves `app` on its own thread with a single-threaded runtime.
+fn serve_on_own_core(app: fn() -> Router) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            axum::serve(listener, app()).await.expect("serve");
+        });
+    });
+    rx.recv().expect("server address")
+}
+
+/// A server under test: its name, its router, its session cookie's name.
+type Peer = (&'static str, fn() -> Router, &'static str);
+
+fn arg(name: &str, default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let seconds = arg("--seconds", 5);
+    let rounds = arg("--rounds", 3);
+    let connections = arg("--connections", 16);
+    let peers: [Peer; 2] = [
+        ("tether", tether_app, "SESSION"),
+        ("tower-sessions", tower_sessions_app, "id"),
+    ];
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut targets = Vec::new();
+        for (name, app, cookie_name) in peers {
+            let addr = serve_on_own_core(app);
+            let client = Client::new();
+            let login = client
+                .post_form(&format!("http://{addr}/login"), "")
+                .await
+                .expect("login");
+            assert!(login.status.is_success(), "{name} login: {}", login.status);
+            let cookie = client.cookie(cookie_name).expect("session cookie");
+            let check = client.get(&format!("http://{addr}/mypage")).await.expect("mypage");
+            assert_eq!(check.text(), "7", "{name} does not read the session");
+            targets.push((name, addr, format!("Cookie: {cookie_name}={cookie}")));
+        }
+        let mut results: Vec<Vec<WrkResult>> = vec![Vec::new(); targets.len()];
+        for round in 1..=rounds {
+            for (i, (name, addr, cookie)) in targets.iter().enumerate() {
+                let url = format!("http://{addr}/mypage");
+                let r = wrk(&url, std::slice::from_ref(cookie), connections, seconds)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                eprintln!(
+                    "round {round} {name:<15} {:>10.0} req/s  p50 {:>8.1?}  p99 {:>8.1?}  errors {}",
+                    r.rps, r.p50, r.p99, r.errors
+                );
+                assert_eq!(r.errors, 0, "{name} answered errors");
+                results[i].push(r);
+            }
+        }
+        let summary: Vec<(f64, f64)> = results
+            .iter()
+            .map(|rs| {
+                (
+                    median(rs.iter().map(|r| r.rps).collect()),
+                    median(rs.iter().map(|r| r.p99.as_secs_f64() * 1e3).collect()),
+                )
+            })
+            .collect();
+        let (base_rps, base_p99) = summary[1];
+        println!("\n| server | req/s (median of {rounds}) | p99 ms | req/s ratio to tower-sessions | p99 ratio |");
+        println!("|---|---|---|---|---|");
+        for ((name, _, _), (rps, p99)) in targets.iter().zip(&summary) {
+            println!(
+                "| {name} | {rps:.0} | {p99:.3} | {:.2} | {:.2} |",
+                rps / base_rps,
+                p99 / base_p99
+            );
+        }
+        println!("\n{seconds} s per round, {rounds} rounds alternating, wrk -t1 -c{connections}, one server core each");
+    });
+}

@@ -1,0 +1,128 @@
+//! Shared pieces of tether's benchmarks: driving `wrk` and reading its report.
+//!
+//! Every benchmark measures tether and a peer in the same run, alternating
+//! rounds so drift on a shared machine hits both, and reports ratios.
+
+use std::time::Duration;
+
+/// One `wrk` run's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WrkResult {
+    /// Requests per second.
+    pub rps: f64,
+    /// 50th percentile latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Non-2xx/3xx responses plus socket errors.
+    pub errors: u64,
+}
+
+/// Parses a `wrk --latency` report.
+pub fn parse_wrk(report: &str) -> Option<WrkResult> {
+    let mut rps = None;
+    let (mut p50, mut p99) = (None, None);
+    let mut errors = 0;
+    for line in report.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => rps = v.parse().ok(),
+            ["50%", v] => p50 = parse_duration(v),
+            ["99%", v] => p99 = parse_duration(v),
+            ["Non-2xx", "or", "3xx", "responses:", n] => errors += n.parse::<u64>().ok()?,
+            ["Socket", "errors:", rest @ ..] => {
+                errors += rest
+                    .iter()
+                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+            _ => {}
+        }
+    }
+    Some(WrkResult {
+        rps: rps?,
+        p50: p50?,
+        p99: p99?,
+        errors,
+    })
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = text.split_at(split);
+    let n: f64 = n.parse().ok()?;
+    let secs = match unit {
+        "us" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+/// Runs `wrk` against `url` with extra headers.
+///
+/// # Errors
+/// If `wrk` is missing (the message says how to install it) or its report
+/// cannot be read.
+pub async fn wrk(
+    url: &str,
+    headers: &[String],
+    connections: u32,
+    seconds: u32,
+) -> Result<WrkResult, String> {
+    let mut cmd = tokio::process::Command::new("wrk");
+    cmd.args(["-t1", "--latency"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"));
+    for h in headers {
+        cmd.arg("-H").arg(h);
+    }
+    let out =
+        cmd.arg(url).output().await.map_err(|e| {
+            format!("cannot run wrk ({e}); install it with `apt-get install -y wrk`")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&text).ok_or_else(|| format!("unreadable wrk report:\n{text}"))
+}
+
+/// The median of `values` (which must not be empty).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_wrk_report() {
+        let report = "Running 5s test @ http://127.0.0.1:1/mypage
+  1 threads and 16 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   150.00us   50.00us   2.00ms   90.00%
+  Latency Distribution
+     50%  140.00us
+     75%  160.00us
+     90%  200.00us
+     99%    1.20ms
+  500000 requests in 5.00s, 60.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec: 100000.50
+Transfer/sec:     12.00MB
+";
+        let r = parse_wrk(report).unwrap();
+        assert_eq!(r.rps, 100000.50);
+        assert_eq!(r.p50, Duration::from_micros(140));
+        assert_eq!(r.p99, Duration::from_micros(1200));
+        assert_eq!(r.errors, 7);
+    }
+
+    #[test]
+    fn an_incomplete_report_is_none() {
+        assert_eq!(parse_wrk("Requests/sec: 5\n"), None);
+    }
+}
