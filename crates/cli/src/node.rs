@@ -179,16 +179,45 @@ fn is_form(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"))
 }
 
-/// Parses a JSON or urlencoded form body by its content type.
+/// Parses a JSON or urlencoded form body by its content type; a body that
+/// does not parse is a 400 naming the `expected` shape.
 fn parse_body<T: serde::de::DeserializeOwned>(
+    node: &Node,
     headers: &HeaderMap,
     body: &[u8],
-) -> Result<T, String> {
-    if is_form(headers) {
+    expected: &str,
+) -> Result<T, BadBody> {
+    let parsed = if is_form(headers) {
         serde_urlencoded::from_bytes(body).map_err(|e| e.to_string())
     } else {
         serde_json::from_slice(body).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| BadBody {
+        node: node.id.clone(),
+        message: format!("expected {expected}: {e}"),
+    })
+}
+
+/// A request body that did not parse: 400 with the reason.
+struct BadBody {
+    node: Arc<str>,
+    message: String,
+}
+
+impl IntoResponse for BadBody {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.message, "node": &*self.node });
+        (StatusCode::BAD_REQUEST, Json(body)).into_response()
     }
+}
+
+/// The cart as an HTML list; items are user input, so they are escaped.
+fn cart_list(cart: &[String]) -> String {
+    let items: String = cart
+        .iter()
+        .map(|i| format!("<li>{}</li>", escape(i)))
+        .collect();
+    format!("<ul id=\"cart\">{items}</ul>")
 }
 
 fn escape(s: &str) -> String {
@@ -215,14 +244,6 @@ fn page(node: &str, title: &str, body: &str) -> Html<String> {
     ))
 }
 
-fn bad_request(node: &str, message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({ "error": message, "node": node })),
-    )
-        .into_response()
-}
-
 const LOGIN_FORM: &str = "<form method=\"post\" action=\"/login\">\
     <label>member <input name=\"member\" type=\"number\" min=\"0\" value=\"7\"></label> \
     <button>log in</button></form>";
@@ -242,14 +263,9 @@ async fn login(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, SessionError> {
-    let login: Login = match parse_body(&headers, &body) {
+    let login: Login = match parse_body(&node, &headers, &body, "{\"member\": <number>}") {
         Ok(l) => l,
-        Err(e) => {
-            return Ok(bad_request(
-                &node.id,
-                format!("expected {{\"member\": <number>}}: {e}"),
-            ))
-        }
+        Err(bad) => return Ok(bad.into_response()),
     };
     session.cycle_id().await?;
     session.insert("loginMember", login.member).await?;
@@ -274,15 +290,12 @@ async fn mypage(
     Ok(match member {
         Some(member) if html => {
             let cart: Vec<String> = session.get("cart").await?.unwrap_or_default();
-            let items: String = cart
-                .iter()
-                .map(|i| format!("<li>{}</li>", escape(i)))
-                .collect();
             let body = format!(
                 "<p>logged in as member <b id=\"member\">{member}</b></p>\
-                 <h2>cart</h2><ul id=\"cart\">{items}</ul>\
+                 <h2>cart</h2>{}\
                  <form method=\"post\" action=\"/cart\"><input name=\"item\" value=\"book\"> <button>add</button></form>\
-                 <form method=\"post\" action=\"/logout\"><button>log out</button></form>"
+                 <form method=\"post\" action=\"/logout\"><button>log out</button></form>",
+                cart_list(&cart)
             );
             page(&node.id, "my page", &body).into_response()
         }
@@ -311,14 +324,9 @@ async fn cart(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, SessionError> {
-    let item: Item = match parse_body(&headers, &body) {
+    let item: Item = match parse_body(&node, &headers, &body, "{\"item\": <text>}") {
         Ok(i) => i,
-        Err(e) => {
-            return Ok(bad_request(
-                &node.id,
-                format!("expected {{\"item\": <text>}}: {e}"),
-            ))
-        }
+        Err(bad) => return Ok(bad.into_response()),
     };
     let cart = session
         .modify("cart", |cart: &mut Option<Vec<String>>| {
@@ -328,11 +336,7 @@ async fn cart(
         })
         .await?;
     if wants_html(&headers) {
-        let items: String = cart
-            .iter()
-            .map(|i| format!("<li>{}</li>", escape(i)))
-            .collect();
-        let body = format!("<ul id=\"cart\">{items}</ul><p><a href=\"/mypage\">my page</a></p>");
+        let body = format!("{}<p><a href=\"/mypage\">my page</a></p>", cart_list(&cart));
         return Ok(page(&node.id, "cart", &body).into_response());
     }
     Ok(Json(json!({ "cart": cart, "node": &*node.id })).into_response())

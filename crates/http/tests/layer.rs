@@ -174,6 +174,15 @@ impl App {
         self.clock.fetch_add(d.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// The stored record of session `id` at the app's current time.
+    async fn stored(&self, id: &SessionId) -> Option<tether::Record> {
+        self.store
+            .inner()
+            .load(id, Load::at(self.now()))
+            .await
+            .unwrap()
+    }
+
     fn now(&self) -> Timestamp {
         Timestamp(self.clock.load(Ordering::SeqCst))
     }
@@ -214,24 +223,11 @@ async fn a_handler_that_never_touches_the_session_costs_no_store_io() {
 async fn a_read_costs_one_store_operation_and_writes_nothing() {
     let app = app();
     let id = app.login().await;
-    let version = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap()
-        .version;
+    let version = app.stored(&id).await.unwrap().version;
     let before = app.store.calls();
     app.with_cookie("GET", "/mypage", id, "").await;
     assert_eq!(app.store.calls(), before + 1);
-    let after = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let after = app.stored(&id).await.unwrap();
     assert_eq!(after.version, version);
 }
 
@@ -243,13 +239,7 @@ async fn a_write_without_a_read_costs_one_store_operation() {
     let r = app.with_cookie("POST", "/set", id, "theme=dark").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(app.store.calls(), before + 1);
-    let rec = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = app.stored(&id).await.unwrap();
     assert_eq!(rec.attributes["theme"].get(), "\"dark\"");
     assert_eq!(rec.attributes["loginMember"].get(), "7");
 }
@@ -259,24 +249,10 @@ async fn modify_without_a_change_writes_nothing() {
     let app = app();
     let id = app.login().await;
     app.with_cookie("POST", "/cart", id, "book").await;
-    let v1 = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap()
-        .version;
+    let v1 = app.stored(&id).await.unwrap().version;
     let r = app.with_cookie("POST", "/cart", id, "").await;
     assert_eq!(r.body, "1");
-    let v2 = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap()
-        .version;
+    let v2 = app.stored(&id).await.unwrap().version;
     assert_eq!(v1, v2);
 }
 
@@ -318,13 +294,7 @@ async fn an_unknown_id_is_no_session_and_is_never_adopted() {
     let r = app.with_cookie("POST", "/set", forged, "k=v").await;
     let issued = r.issued().expect("a fresh session");
     assert_ne!(issued, forged);
-    assert!(app
-        .store
-        .inner()
-        .load(&forged, Load::at(app.now()))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(app.stored(&forged).await.is_none());
 }
 
 #[tokio::test]
@@ -366,13 +336,7 @@ async fn logout_deletes_and_sends_a_matching_removal_cookie() {
         r.set_cookies(),
         vec!["SESSION=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/app; Domain=example.test; Secure; HttpOnly; SameSite=Strict".to_string()]
     );
-    assert!(app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(app.stored(&id).await.is_none());
     assert_eq!(
         app.with_cookie("GET", "/mypage", id, "").await.status,
         StatusCode::UNAUTHORIZED
@@ -414,13 +378,7 @@ async fn a_5xx_response_saves_nothing() {
     let id = app.login().await;
     let r = app.with_cookie("POST", "/boom", id, "").await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let rec = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = app.stored(&id).await.unwrap();
     assert!(!rec.attributes.contains_key("poison"));
     let r = app.with_cookie("POST", "/logout-boom", id, "").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
@@ -435,13 +393,7 @@ async fn a_5xx_response_saves_nothing() {
 async fn an_oversized_value_is_413_and_the_stored_session_is_intact() {
     let app = app();
     let id = app.login().await;
-    let before = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let before = app.stored(&id).await.unwrap();
     // One value over the limit: refused at insert.
     let r = app
         .with_cookie("POST", "/set", id, &format!("blob={}", "x".repeat(2000)))
@@ -450,25 +402,13 @@ async fn an_oversized_value_is_413_and_the_stored_session_is_intact() {
     // Two blind writes each under the limit but together over it: refused at save.
     app.with_cookie("POST", "/set", id, &format!("a={}", "x".repeat(600)))
         .await;
-    let mid = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let mid = app.stored(&id).await.unwrap();
     let r = app
         .with_cookie("POST", "/set", id, &format!("b={}", "y".repeat(600)))
         .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
     assert!(r.body.contains("exceeds the limit"), "{}", r.body);
-    let after = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let after = app.stored(&id).await.unwrap();
     assert_eq!(after, mid);
     assert_eq!(
         after.attributes["loginMember"].get(),
@@ -492,13 +432,7 @@ async fn concurrent_requests_changing_different_attributes_both_survive() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
     }
-    let rec = app
-        .store
-        .inner()
-        .load(&id, Load::at(app.now()))
-        .await
-        .unwrap()
-        .unwrap();
+    let rec = app.stored(&id).await.unwrap();
     for i in 0..20 {
         assert_eq!(rec.attributes[&format!("k{i}")].get(), format!("\"v{i}\""));
     }
