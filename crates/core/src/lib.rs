@@ -25,6 +25,7 @@
 
 mod id;
 mod memory;
+pub mod placement;
 mod record;
 mod store;
 #[cfg(feature = "testing")]
