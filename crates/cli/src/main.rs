@@ -25,6 +25,52 @@ enum Command {
     Node(NodeArgs),
     /// Replay the brief's scenario and print the measured comparison.
     Demo(DemoArgs),
+    /// Run the load balancer (sticky sessions, health checks, failover).
+    Lb(Box<LbArgs>),
+}
+
+#[derive(clap::Args, Debug)]
+struct LbArgs {
+    /// A TOML configuration file (reloaded on SIGHUP or POST /reload); other
+    /// routing flags are then not allowed.
+    #[arg(long, conflicts_with_all = ["listen", "backends", "policy"])]
+    config: Option<std::path::PathBuf>,
+    /// Address for clients; port 0 picks a free port (printed on stdout).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin address for /status, /metrics, drain and reload.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// A backend as ID=HOST:PORT; repeat for each.
+    #[arg(long = "backend", value_parser = tether_lb::parse_backend_flag)]
+    backends: Vec<tether_lb::BackendConfig>,
+    /// round-robin, least-conn, p2c, ip-hash, ip-hash-full, cookie, hash or owner.
+    #[arg(long)]
+    policy: Option<tether_lb::PolicyKind>,
+    /// HMAC key of the route cookie; give every instance the same one.
+    #[arg(long)]
+    cookie_secret: Option<String>,
+    /// Key of the `hash` policy: cookie:NAME, header:NAME or ip.
+    #[arg(long)]
+    hash_key: Option<String>,
+    /// Bounded-load factor of the `hash` policy (e.g. 1.25).
+    #[arg(long)]
+    bounded_load: Option<f64>,
+    /// A proxy address or CIDR whose X-Forwarded-For is trusted; repeatable.
+    #[arg(long = "trusted-proxy")]
+    trusted_proxies: Vec<String>,
+    /// Path of active health checks (empty turns them off).
+    #[arg(long)]
+    health_path: Option<String>,
+    /// Milliseconds between health checks.
+    #[arg(long)]
+    health_interval_ms: Option<u64>,
+    /// Time a client has to send its request head (also the idle timeout), ms.
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,7 +119,14 @@ fn run() -> anyhow::Result<ExitCode> {
         .with_max_level(cli.log_level)
         .with_target(false)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Lb(args) = &cli.command {
+        if let Some(n) = args.threads {
+            anyhow::ensure!(n > 0, "--threads must be positive");
+            runtime.worker_threads(n);
+        }
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -81,8 +134,87 @@ fn run() -> anyhow::Result<ExitCode> {
         match cli.command {
             Command::Node(args) => node(args).await,
             Command::Demo(args) => demo(args).await,
+            Command::Lb(args) => lb(*args).await,
         }
     })
+}
+
+fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
+    if let Some(path) = &args.config {
+        return tether_lb::Config::from_file(path)
+            .with_context(|| format!("loading {}", path.display()));
+    }
+    let listen = args.listen.context("--listen (or --config) is required")?;
+    let policy = args.policy.context("--policy (or --config) is required")?;
+    anyhow::ensure!(
+        !args.backends.is_empty(),
+        "at least one --backend ID=HOST:PORT is required"
+    );
+    let mut config = tether_lb::Config::new(listen, policy, args.backends.clone());
+    config.admin = args.admin;
+    if let Some(secret) = &args.cookie_secret {
+        config.cookie.secret.clone_from(secret);
+    }
+    if let Some(key) = &args.hash_key {
+        config.hash.key.clone_from(key);
+    }
+    if let Some(f) = args.bounded_load {
+        config.hash.bounded_load = f;
+    }
+    for p in &args.trusted_proxies {
+        let net: Option<ipnet::IpNet> = if p.contains('/') {
+            p.parse().ok()
+        } else {
+            p.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)
+        };
+        config.trusted_proxies.push(
+            net.with_context(|| format!("--trusted-proxy {p:?}: expected an address or CIDR"))?,
+        );
+    }
+    if let Some(path) = &args.health_path {
+        config.health.path.clone_from(path);
+    }
+    if let Some(ms) = args.health_interval_ms {
+        config.health.interval_ms = ms;
+        config.health.timeout_ms = config.health.timeout_ms.min(ms.max(1));
+    }
+    if let Some(ms) = args.header_timeout_ms {
+        config.limits.header_timeout_ms = ms;
+    }
+    config.resolve().context("invalid configuration")?;
+    Ok(config)
+}
+
+async fn lb(args: LbArgs) -> anyhow::Result<ExitCode> {
+    let mut config = lb_config(&args)?;
+    if args.config.is_some() && args.admin.is_some() {
+        config.admin = args.admin;
+    }
+    let balancer = tether_lb::Balancer::bind(config.clone(), args.config.clone())
+        .await
+        .context("starting the load balancer")?;
+    let addr = balancer.local_addr()?;
+    tracing::info!(%addr, policy = ?config.policy, backends = config.backends.len(), "load balancer started");
+    println!("tether lb listening on http://{addr}");
+    if let Some(admin) = balancer.admin_addr() {
+        println!("tether lb admin listening on http://{admin}");
+    }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let handle = balancer.handle();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if let Err(e) = handle.reload() {
+                    tracing::error!(error = %anyhow::Error::new(e), "reload refused; keeping the running configuration");
+                }
+            }
+        });
+    }
+    balancer.run(shutdown_signal()?).await?;
+    tracing::info!("load balancer stopped");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {

@@ -16,8 +16,11 @@ mod process;
 mod redis;
 
 pub use client::{Client, Response};
-pub use process::{node_args, Process, TestServer};
+pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisServer};
+
+/// Signal numbers for [`Process::signal`].
+pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
 
 use std::future::Future;
 use std::time::{Duration, Instant};

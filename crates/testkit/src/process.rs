@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use crate::Result;
 
@@ -18,7 +18,7 @@ const LISTENING: &str = "listening on http://";
 /// if the process that started it dies, so a crashed test leaves no orphans.
 pub struct Process {
     child: Child,
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -27,7 +27,7 @@ impl std::fmt::Debug for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Process")
             .field("pid", &self.child.id())
-            .field("addr", &self.addr)
+            .field("addrs", &self.addrs)
             .finish_non_exhaustive()
     }
 }
@@ -50,6 +50,30 @@ pub fn node_args(id: &str, store: &str) -> Vec<String> {
     .collect()
 }
 
+/// Arguments of `tether lb` on free loopback ports (client and admin) with
+/// `policy` over `backends` (`ID`, address), health checks every 200 ms.
+pub fn lb_args(policy: &str, backends: &[(&str, SocketAddr)]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "lb",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--policy",
+        policy,
+        "--health-interval-ms",
+        "200",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (id, addr) in backends {
+        args.push("--backend".into());
+        args.push(format!("{id}={addr}"));
+    }
+    args
+}
+
 impl Process {
     /// Starts `bin args…` and waits (up to 30 s) for its `listening on` line.
     ///
@@ -57,6 +81,15 @@ impl Process {
     /// If it cannot start, exits, or does not announce an address in time;
     /// the error includes its log.
     pub async fn spawn(bin: &Path, args: &[String]) -> Result<Self> {
+        Self::spawn_n(bin, args, 1).await
+    }
+
+    /// As [`Process::spawn`], waiting for `n` announced addresses (a load
+    /// balancer announces its client and its admin listener).
+    ///
+    /// # Errors
+    /// As [`Process::spawn`].
+    pub async fn spawn_n(bin: &Path, args: &[String], n: usize) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("tether-proc-").tempdir()?;
         let log = dir.path().join("stderr.log");
         let mut cmd = Command::new(bin);
@@ -79,22 +112,29 @@ impl Process {
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", bin.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         // Keep draining stdout for the child's whole life so it never blocks on a full pipe.
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
-            let mut tx = Some(tx);
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split(LISTENING).nth(1) {
                     let addr = rest.split(['/', ' ']).next().unwrap_or_default();
-                    if let (Some(tx), Ok(addr)) = (tx.take(), addr.parse::<SocketAddr>()) {
+                    if let Ok(addr) = addr.parse::<SocketAddr>() {
                         let _ = tx.send(addr);
                     }
                 }
             }
         });
-        let addr = match tokio::time::timeout(Duration::from_secs(30), rx).await {
-            Ok(Ok(addr)) => addr,
+        let announced = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut addrs = Vec::new();
+            while addrs.len() < n {
+                addrs.push(rx.recv().await?);
+            }
+            Some(addrs)
+        })
+        .await;
+        let addrs = match announced {
+            Ok(Some(addrs)) => addrs,
             _ => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
@@ -109,20 +149,25 @@ impl Process {
         };
         Ok(Self {
             child,
-            addr,
+            addrs,
             log,
             _dir: dir,
         })
     }
 
-    /// The address it listens on.
+    /// The (first) address it announced.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.addrs[0]
+    }
+
+    /// Every address it announced, in order.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
     }
 
     /// `http://addr` followed by `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}", self.addr(), path)
     }
 
     /// Its process ID, while it runs.
@@ -141,18 +186,22 @@ impl Process {
         let _ = self.child.wait().await;
     }
 
+    /// Sends signal `sig` (a `libc::SIG*` number), e.g. SIGHUP to reload.
+    pub fn signal(&self, sig: i32) {
+        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+            // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
     /// Sends SIGTERM and waits up to `within` for it to exit; kills it after that.
     ///
     /// # Errors
     /// If it had to be killed.
     pub async fn terminate(&mut self, within: Duration) -> Result<ExitStatus> {
-        if let Some(pid) = self.child.id() {
-            let pid = libc::pid_t::try_from(pid)?;
-            // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
+        self.signal(libc::SIGTERM);
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => Ok(status?),
             Err(_) => {

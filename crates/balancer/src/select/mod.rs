@@ -1,0 +1,134 @@
+//! Selection policies: each maps a request to backends in order of preference.
+//!
+//! Selection never looks at health: it returns an order, and the proxy walks
+//! it skipping backends that are down (or draining, unless the request is
+//! bound to them). Keeping the two apart means every policy fails over the
+//! same way and a policy can be tested without a clock or a network.
+
+mod cookie;
+mod hash;
+mod load;
+
+pub use cookie::{Route, RouteCodec};
+pub use hash::{nginx_ip_hash_order, Ring};
+pub use load::{smooth_weighted_sequence, LeastConn, PowerOfTwo, RoundRobin};
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+
+use crate::config::{Config, ConfigError, HashKey, PolicyKind};
+use crate::pool::Pool;
+
+/// What selection may look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    /// The client's address (after trusted `X-Forwarded-For`).
+    pub client_ip: IpAddr,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// A policy's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Choice {
+    /// Backend indices, most preferred first.
+    pub order: Vec<usize>,
+    /// The backend this client is bound to (by cookie or key), if any; a
+    /// draining backend still serves its bound clients.
+    pub bound: Option<usize>,
+    /// The route cookie the request carried, when valid (cookie policy).
+    pub route: Option<Route>,
+}
+
+/// A selection policy.
+pub trait Select: Send + Sync {
+    /// Orders the backends of `pool` for this request.
+    fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice;
+}
+
+/// The value of cookie `name` in the request, if present.
+pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// Builds the configured policy.
+///
+/// # Errors
+/// If the configuration is invalid for the policy.
+pub fn build(
+    config: &Config,
+    pool: &Pool,
+    codec: Option<&RouteCodec>,
+) -> Result<Box<dyn Select>, ConfigError> {
+    let rr = RoundRobin::new(pool);
+    Ok(match config.policy {
+        PolicyKind::RoundRobin => Box::new(rr),
+        PolicyKind::LeastConn => Box::new(LeastConn::default()),
+        PolicyKind::P2c => Box::new(PowerOfTwo),
+        PolicyKind::IpHash => Box::new(hash::IpHash),
+        PolicyKind::IpHashFull => Box::new(hash::IpHashFull),
+        PolicyKind::Hash => {
+            let bounded = (config.hash.bounded_load > 0.0).then_some(config.hash.bounded_load);
+            Box::new(hash::KeyHash {
+                key: config.hash_key()?,
+                ring: Ring::new(pool),
+                bounded,
+                fallback: rr,
+            })
+        }
+        PolicyKind::Owner => Box::new(hash::Owner {
+            cookie: config.session_cookie.clone(),
+            fallback: rr,
+        }),
+        PolicyKind::Cookie => Box::new(cookie::CookiePolicy {
+            codec: codec
+                .cloned()
+                .ok_or_else(|| ConfigError::Invalid("cookie policy without a codec".into()))?,
+            fallback: rr,
+        }),
+    })
+}
+
+/// Appends every index of `pool` not yet in `order`, in configuration order
+/// starting after `from`, so any policy's list ends with all backends.
+pub(crate) fn complete(order: &mut Vec<usize>, n: usize, from: usize) {
+    for k in 1..=n {
+        let i = (from + k) % n;
+        if !order.contains(&i) {
+            order.push(i);
+        }
+    }
+}
+
+/// The hash key of the `hash` policy for this request.
+pub(crate) fn key_bytes<'a>(
+    key: &HashKey,
+    req: &RequestInfo<'a>,
+    ip_buf: &'a mut [u8; 16],
+) -> Option<&'a [u8]> {
+    match key {
+        HashKey::Cookie(name) => cookie_value(req.headers, name).map(str::as_bytes),
+        HashKey::Header(name) => req.headers.get(name).map(http::HeaderValue::as_bytes),
+        HashKey::Ip => {
+            let n = match req.client_ip {
+                IpAddr::V4(v4) => {
+                    ip_buf[..4].copy_from_slice(&v4.octets());
+                    4
+                }
+                IpAddr::V6(v6) => {
+                    *ip_buf = v6.octets();
+                    16
+                }
+            };
+            Some(&ip_buf[..n])
+        }
+    }
+}

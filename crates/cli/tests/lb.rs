@@ -1,0 +1,629 @@
+//! `tether lb` in front of real `tether node` processes over loopback TCP.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::json;
+use tether_testkit::{eventually, lb_args, node_args, Client, Process};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_tether"))
+}
+
+async fn node(id: &str) -> Process {
+    Process::spawn(bin(), &node_args(id, "memory"))
+        .await
+        .unwrap()
+}
+
+/// A node restarted on the address it had (the balancer's config names it).
+async fn node_at(id: &str, addr: SocketAddr) -> Process {
+    let mut args = node_args(id, "memory");
+    let i = args.iter().position(|a| a == "127.0.0.1:0").unwrap();
+    args[i] = addr.to_string();
+    Process::spawn(bin(), &args).await.unwrap()
+}
+
+struct Fleet {
+    nodes: Vec<Process>,
+    lb: Process,
+}
+
+impl Fleet {
+    async fn start(policy: &str, ids: &[&str], extra: &[&str]) -> Self {
+        let mut nodes = Vec::new();
+        for id in ids {
+            nodes.push(node(id).await);
+        }
+        let backends: Vec<(&str, SocketAddr)> = ids
+            .iter()
+            .copied()
+            .zip(nodes.iter().map(Process::addr))
+            .collect();
+        let mut args = lb_args(policy, &backends);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+        Self { nodes, lb }
+    }
+
+    fn url(&self, path: &str) -> String {
+        self.lb.url(path)
+    }
+
+    fn admin(&self, path: &str) -> String {
+        format!("http://{}{}", self.lb.addrs()[1], path)
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        Client::new()
+            .get(&self.admin("/status"))
+            .await
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    async fn state(&self, id: &str) -> String {
+        let s = self.status().await;
+        s["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .map(|b| b["state"].as_str().unwrap().to_string())
+            .unwrap()
+    }
+
+    async fn wait_state(&self, id: &str, want: &str) {
+        eventually(Duration::from_secs(20), &format!("{id} {want}"), || async {
+            (self.state(id).await == want).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    fn index(&self, id: &str) -> usize {
+        ["A", "B", "C", "D"].iter().position(|x| *x == id).unwrap()
+    }
+}
+
+async fn login(client: &Client, fleet: &Fleet, member: u64) -> String {
+    let r = client
+        .post_json(&fleet.url("/login"), &json!({ "member": member }))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.node().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_policy_keeps_each_client_on_one_backend_and_balances_clients() {
+    let fleet = Arc::new(Fleet::start("cookie", &["A", "B", "C"], &[]).await);
+    let mut tasks = Vec::new();
+    for c in 0..200u64 {
+        let fleet = fleet.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = Client::new();
+            let mut seen = HashSet::new();
+            seen.insert(login(&client, &fleet, c).await);
+            for _ in 0..19 {
+                let r = client.get(&fleet.url("/mypage")).await.unwrap();
+                assert_eq!(r.status, 200, "client {c} lost its session: {}", r.text());
+                seen.insert(r.node().unwrap());
+            }
+            assert!(client.cookie("TETHER_ROUTE").is_some());
+            seen
+        }));
+    }
+    let mut per_backend: HashMap<String, usize> = HashMap::new();
+    for t in tasks {
+        let seen = t.await.unwrap();
+        assert_eq!(seen.len(), 1, "a client moved between backends: {seen:?}");
+        *per_backend
+            .entry(seen.into_iter().next().unwrap())
+            .or_default() += 1;
+    }
+    // New clients are spread by round robin: 200 over 3 is 66 or 67 each.
+    for (id, n) in &per_backend {
+        assert!(
+            (60..=74).contains(n),
+            "{id} got {n} of 200 clients: {per_backend:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ip_hash_pins_a_whole_slash_24_like_nginx() {
+    let fleet = Fleet::start("ip-hash", &["A", "B", "C"], &[]).await;
+    let mut by_net = HashMap::new();
+    for net in 1..=6u8 {
+        let mut nodes = HashSet::new();
+        for host in [1u8, 2, 77, 200] {
+            let ip = IpAddr::from([127, 0, net, host]);
+            let r = Client::from_address(ip)
+                .get(&fleet.url("/mypage"))
+                .await
+                .unwrap();
+            nodes.insert(r.node().unwrap());
+        }
+        assert_eq!(nodes.len(), 1, "127.0.{net}.0/24 was split: {nodes:?}");
+        let node = nodes.into_iter().next().unwrap();
+        // The same choice nginx's ip_hash makes for that address.
+        let expected =
+            tether_lb::select::nginx_ip_hash_order(IpAddr::from([127, 0, net, 1]), &[1, 1, 1])[0];
+        assert_eq!(fleet.index(&node), expected, "127.0.{net}.x");
+        by_net.insert(net, node);
+    }
+    let distinct: HashSet<_> = by_net.values().collect();
+    assert!(
+        distinct.len() >= 2,
+        "six /24s all on one backend: {by_net:?}"
+    );
+}
+
+/// The brief's sticky-session strategy works, and so does its stated weakness.
+#[tokio::test]
+async fn sticky_sessions_work_until_the_pinned_server_dies() {
+    for policy in ["cookie", "ip-hash"] {
+        let mut fleet = Fleet::start(policy, &["A", "B", "C"], &[]).await;
+        let user = Client::new();
+        let home = login(&user, &fleet, 7).await;
+        for _ in 0..5 {
+            let r = user.get(&fleet.url("/mypage")).await.unwrap();
+            assert_eq!(
+                (r.status.as_u16(), r.node().unwrap()),
+                (200, home.clone()),
+                "{policy}"
+            );
+        }
+        let i = fleet.index(&home);
+        fleet.nodes[i].kill().await;
+        let r = user.get(&fleet.url("/mypage")).await.unwrap();
+        assert_eq!(
+            r.status, 401,
+            "{policy}: memory sessions cannot survive their server"
+        );
+        assert_ne!(r.node().unwrap(), home);
+        if policy == "cookie" {
+            let route = user.cookie("TETHER_ROUTE").unwrap();
+            assert!(
+                !route.starts_with(&format!("{home}.")),
+                "route cookie not rewritten: {route}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_under_load_marks_down_reroutes_and_recovers() {
+    let mut fleet = Fleet::start("cookie", &["A", "B", "C"], &[]).await;
+    let fleet_url = fleet.url("/health");
+    // Clients pinned everywhere; remember who is pinned to B.
+    let mut clients = Vec::new();
+    for c in 0..12 {
+        let client = Client::new();
+        let node = login(&client, &fleet, c).await;
+        clients.push((client, node));
+    }
+    assert!(clients.iter().any(|(_, n)| n == "B"));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let mut load = Vec::new();
+    for (client, _) in &clients {
+        let client = client.clone();
+        let url = fleet.url("/mypage");
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            for _ in 0..400 {
+                let r = tokio::select! {
+                    r = client.get(&url) => r,
+                    () = stop.notified() => break,
+                };
+                match r {
+                    Ok(r) if r.status.is_server_error() => failed += 1,
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    // Let the load run, then crash B.
+    eventually(Duration::from_secs(10), "traffic on B", || async {
+        let s = fleet.status().await;
+        (s["backends"][1]["requests"].as_u64().unwrap() > 30).then_some(())
+    })
+    .await
+    .unwrap();
+    let b_addr = fleet.nodes[1].addr();
+    fleet.nodes[1].kill().await;
+    fleet.wait_state("B", "down").await;
+    stop.notify_waiters();
+    let (mut ok, mut failed) = (0, 0);
+    for t in load {
+        let (o, f) = t.await.unwrap();
+        ok += o;
+        failed += f;
+    }
+    // GETs are idempotent: even requests in flight at the kill are retried.
+    assert!(
+        failed <= 12,
+        "{failed} failed requests ({ok} ok) beyond those in flight at the kill"
+    );
+    // B's clients were moved and their route cookies rewritten.
+    for (client, node) in &clients {
+        let r = client.get(&fleet.url("/mypage")).await.unwrap();
+        assert_ne!(r.node().unwrap(), "B");
+        if node == "B" {
+            assert!(!client.cookie("TETHER_ROUTE").unwrap().starts_with("B."));
+        }
+    }
+    // Restarted, B passes `rise` checks and takes new clients again.
+    fleet.nodes[1] = node_at("B", b_addr).await;
+    fleet.wait_state("B", "up").await;
+    let mut seen = HashSet::new();
+    for c in 0..9 {
+        seen.insert(login(&Client::new(), &fleet, c).await);
+    }
+    assert!(
+        seen.contains("B"),
+        "B got no new clients after recovery: {seen:?}"
+    );
+    assert_eq!(Client::new().get(&fleet_url).await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn forged_stale_and_foreign_route_cookies_are_treated_as_absent() {
+    let fleet = Fleet::start("cookie", &["A", "B"], &["--cookie-secret", "s1"]).await;
+    let user = Client::new();
+    let home = login(&user, &fleet, 1).await;
+    let genuine = user.cookie("TETHER_ROUTE").unwrap();
+    let other = if home == "A" { "B" } else { "A" };
+    let tag = genuine.rsplit_once('.').unwrap().1;
+    for forged in [
+        format!("{other}.{home}.{tag}"),
+        format!("{other}.."),
+        "garbage".to_string(),
+        format!("Z.A.{tag}"),
+        "A".repeat(3000),
+    ] {
+        let c = Client::new();
+        c.set_cookie("TETHER_ROUTE", &forged);
+        let r = c.get(&fleet.url("/mypage")).await.unwrap();
+        assert_eq!(r.status, 401, "{forged}");
+        let issued = c.cookie("TETHER_ROUTE").unwrap();
+        assert_ne!(
+            issued, forged,
+            "a forged cookie must be replaced by a genuine one"
+        );
+        assert!(r
+            .set_cookies()
+            .iter()
+            .any(|s| s.starts_with("TETHER_ROUTE=")));
+        assert!(r
+            .header("cache-control")
+            .unwrap()
+            .contains("no-cache=\"set-cookie\""));
+    }
+}
+
+#[tokio::test]
+async fn two_balancers_with_one_secret_route_a_cookie_identically() {
+    let fleet = Fleet::start("cookie", &["A", "B", "C"], &["--cookie-secret", "shared"]).await;
+    let backends: Vec<(&str, SocketAddr)> = vec![
+        ("A", fleet.nodes[0].addr()),
+        ("B", fleet.nodes[1].addr()),
+        ("C", fleet.nodes[2].addr()),
+    ];
+    let mut args = lb_args("cookie", &backends);
+    args.extend(["--cookie-secret".to_string(), "shared".to_string()]);
+    let second = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    for c in 0..9 {
+        let user = Client::new();
+        let home = login(&user, &fleet, c).await;
+        for _ in 0..3 {
+            let r = user.get(&second.url("/mypage")).await.unwrap();
+            assert_eq!((r.status.as_u16(), r.node().unwrap()), (200, home.clone()));
+            assert!(
+                r.set_cookies().is_empty(),
+                "the second balancer re-pinned the client"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn owner_policy_sends_a_session_to_its_rendezvous_owner() {
+    let fleet = Fleet::start("owner", &["A", "B", "C"], &[]).await;
+    for _ in 0..12 {
+        let user = Client::new();
+        login(&user, &fleet, 3).await;
+        // The session lives where the login landed; from now on requests
+        // follow the owner function, which the cluster store shares.
+        let id = tether_core::SessionId::parse(&user.cookie("SESSION").unwrap()).unwrap();
+        let owner = tether_core::placement::owner(id.as_bytes(), &["A", "B", "C"]).unwrap();
+        for _ in 0..3 {
+            let r = user.get(&fleet.url("/mypage")).await.unwrap();
+            assert_eq!(r.node().unwrap(), *owner);
+        }
+    }
+}
+
+#[tokio::test]
+async fn draining_keeps_bound_clients_and_takes_no_new_ones() {
+    let fleet = Fleet::start("cookie", &["A", "B"], &[]).await;
+    let mut on_a = None;
+    while on_a.is_none() {
+        let c = Client::new();
+        if login(&c, &fleet, 1).await == "A" {
+            on_a = Some(c);
+        }
+    }
+    let on_a = on_a.unwrap();
+    let r = Client::new()
+        .send(
+            Method::POST,
+            &fleet.admin("/backends/A/drain"),
+            &[],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.json().unwrap()["state"], "draining");
+    for c in 0..6 {
+        assert_eq!(
+            login(&Client::new(), &fleet, c).await,
+            "B",
+            "a new client went to a draining backend"
+        );
+    }
+    let r = on_a.get(&fleet.url("/mypage")).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.node().unwrap().as_str()), (200, "A"));
+    let r = Client::new()
+        .send(
+            Method::POST,
+            &fleet.admin("/backends/Z/drain"),
+            &[],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 404);
+    Client::new()
+        .send(
+            Method::POST,
+            &fleet.admin("/backends/A/undrain"),
+            &[],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fleet.state("A").await, "up");
+}
+
+#[tokio::test]
+async fn no_backend_at_all_is_503_and_metrics_say_so() {
+    let mut fleet = Fleet::start("round-robin", &["A"], &[]).await;
+    fleet.nodes[0].kill().await;
+    fleet.wait_state("A", "down").await;
+    let r = Client::new().get(&fleet.url("/mypage")).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("no backend"));
+    let metrics = Client::new()
+        .get(&fleet.admin("/metrics"))
+        .await
+        .unwrap()
+        .text();
+    assert!(
+        metrics.contains("tether_lb_generated_responses_total{code=\"503\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tether_lb_backend_up{backend=\"A\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("tether_lb_backend_latency_seconds_bucket{backend=\"A\",le=\"+Inf\"}"));
+}
+
+#[tokio::test]
+async fn reload_swaps_backends_without_dropping_connections() {
+    let a = node("A").await;
+    let b = node("B").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lb.toml");
+    let write = |backends: &[(&str, SocketAddr)]| {
+        let mut text = String::from("listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\npolicy = \"round-robin\"\n[health]\ninterval_ms = 200\n");
+        for (id, addr) in backends {
+            text.push_str(&format!("[[backend]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
+        }
+        std::fs::write(&path, text).unwrap();
+    };
+    write(&[("A", a.addr())]);
+    let lb = Process::spawn_n(
+        bin(),
+        &["lb".into(), "--config".into(), path.display().to_string()],
+        2,
+    )
+    .await
+    .unwrap();
+    let admin = format!("http://{}", lb.addrs()[1]);
+    // One keep-alive client: its pooled connection must survive the reload.
+    let client = Client::new();
+    for _ in 0..3 {
+        assert_eq!(
+            client
+                .get(&lb.url("/health"))
+                .await
+                .unwrap()
+                .node()
+                .unwrap(),
+            "A"
+        );
+    }
+    write(&[("A", a.addr()), ("B", b.addr())]);
+    let r = client
+        .send(
+            Method::POST,
+            &format!("{admin}/reload"),
+            &[],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut seen = HashSet::new();
+    for _ in 0..6 {
+        let r = client.get(&lb.url("/health")).await.unwrap();
+        assert_eq!(r.status, 200);
+        seen.insert(r.node().unwrap());
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&path, "policy = \"nonsense\"").unwrap();
+    let r = client
+        .send(
+            Method::POST,
+            &format!("{admin}/reload"),
+            &[],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(client.get(&lb.url("/health")).await.unwrap().status, 200);
+    // SIGHUP reloads too.
+    write(&[("B", b.addr())]);
+    lb.signal(tether_testkit::SIGHUP);
+    eventually(Duration::from_secs(10), "SIGHUP reload", || async {
+        let s: serde_json::Value = Client::new()
+            .get(&format!("{admin}/status"))
+            .await
+            .ok()?
+            .json()
+            .ok()?;
+        (s["backends"].as_array()?.len() == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        client
+            .get(&lb.url("/health"))
+            .await
+            .unwrap()
+            .node()
+            .unwrap(),
+        "B"
+    );
+}
+
+/// A backend that speaks broken HTTP: `mode` decides how.
+async fn broken_backend(mode: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let reply: &[u8] = match mode {
+                    "garbage" => b"this is not HTTP at all\r\n\r\n",
+                    // Promise 100 bytes, send 10, hang up.
+                    "truncated" => b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789",
+                    _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                };
+                let _ = s.write_all(reply).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn broken_backends_give_502_and_the_balancer_keeps_serving() {
+    let garbage = broken_backend("garbage").await;
+    let truncated = broken_backend("truncated").await;
+    for (addr, mode) in [(garbage, "garbage"), (truncated, "truncated")] {
+        let mut args = lb_args("round-robin", &[("X", addr)]);
+        args.extend(["--health-path".into(), String::new()]);
+        let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+        let r = Client::new().get(&lb.url("/")).await;
+        match mode {
+            "garbage" => assert_eq!(r.unwrap().status, 502),
+            // Headers already went out: the client sees a cut body, not a fake success.
+            _ => assert!(r.is_err(), "a truncated body was passed off as complete"),
+        }
+        // Still alive and answering.
+        let r = Client::new().get(&lb.url("/")).await;
+        assert!(r.is_err() || r.unwrap().status == 502);
+        assert!(!Client::new()
+            .get(&format!("http://{}/status", lb.addrs()[1]))
+            .await
+            .unwrap()
+            .text()
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn slow_and_oversized_request_heads_are_cut_off() {
+    let a = node("A").await;
+    let mut args = lb_args("round-robin", &[("A", a.addr())]);
+    args.extend(["--header-timeout-ms".into(), "500".into()]);
+    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+
+    // Slowloris: one byte every 100 ms never completes a head in 500 ms.
+    let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+    let head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let started = std::time::Instant::now();
+    let mut closed = false;
+    for b in head {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        closed || !text.contains("200 OK"),
+        "a byte-by-byte head was served: {text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+
+    // A 100 KiB header is refused with 431.
+    let big = "x".repeat(100 * 1024);
+    let r = Client::new()
+        .send(
+            Method::GET,
+            &lb.url("/health"),
+            &[("x-big", big.as_str())],
+            Default::default(),
+        )
+        .await;
+    match r {
+        Ok(r) => assert_eq!(r.status, 431),
+        Err(e) => panic!("expected 431, got {e}"),
+    }
+    // Garbage X-Forwarded-For from an untrusted client is ignored, not an error.
+    let r = Client::new()
+        .send(
+            Method::GET,
+            &lb.url("/health"),
+            &[("x-forwarded-for", "<script>, 999.1.1.1")],
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
