@@ -45,6 +45,7 @@ mod config;
 mod health;
 mod pool;
 mod proxy;
+mod upstream;
 pub mod select;
 
 pub use config::{
@@ -62,9 +63,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -103,7 +102,6 @@ impl Totals {
 
 pub(crate) struct Shared {
     pub(crate) current: ArcSwap<Generation>,
-    pub(crate) client: Client<HttpConnector, proxy::UpstreamBody>,
     pub(crate) totals: Totals,
     started: Instant,
     config_path: Option<PathBuf>,
@@ -304,13 +302,6 @@ impl Balancer {
             config.cookie.secret.as_bytes().to_vec()
         };
         let started = Instant::now();
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Config::ms(config.retry.connect_timeout_ms)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let listener = bind(config.listen).await?;
         let admin = match config.admin {
             Some(a) => Some(bind(a).await?),
@@ -319,7 +310,6 @@ impl Balancer {
         let generation = build_generation(config, None, started, &secret)?;
         let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
-            client,
             totals: Totals::default(),
             started,
             config_path,

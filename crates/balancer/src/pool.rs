@@ -78,6 +78,8 @@ pub struct Stats {
     pub cookies_issued: AtomicU64,
     /// Time to response headers.
     pub latency: Histogram,
+    /// Idle keep-alive connections to this backend.
+    pub(crate) conns: Arc<crate::upstream::ConnPool>,
 }
 
 /// The state reported for a backend.

@@ -17,6 +17,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use crate::config::Config;
 use crate::pool::Stats;
 use crate::select::{cookie_value, RequestInfo, Route};
+use crate::upstream::{self, Streaming};
 use crate::{Generation, Shared};
 
 /// The body sent to a backend: buffered (retryable) or streamed (one try).
@@ -43,7 +44,7 @@ impl Drop for InFlight {
 /// A backend's response body that keeps the request counted in flight
 /// (for `least-conn`, `p2c` and bounded load) until it is fully streamed.
 pub(crate) struct Tracked {
-    inner: Incoming,
+    inner: Streaming,
     _guard: InFlight,
 }
 
@@ -226,7 +227,7 @@ async fn forward(
     // hyper bounds its read buffer, but a head that arrives in one read can
     // still exceed the limit; measure it as nginx's
     // large_client_header_buffers does.
-    let head: usize = req.uri().to_string().len()
+    let head: usize = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
         + req
             .headers()
             .iter()
@@ -275,9 +276,11 @@ async fn forward(
     );
     let idempotent = is_idempotent(&parts.method);
     let limit = config.limits.buffer_body_bytes;
-    let small = body.is_end_stream() || body.size_hint().upper().is_some_and(|u| u <= limit as u64);
+    let small = body.size_hint().upper().is_some_and(|u| u <= limit as u64);
     let mut streamed = None;
-    let buffered = if small {
+    let buffered = if body.is_end_stream() {
+        Some(Bytes::new())
+    } else if small {
         match tokio::time::timeout(Duration::from_secs(30), Limited::new(body, limit).collect())
             .await
         {
@@ -300,9 +303,13 @@ async fn forward(
     let per_try = Config::ms(config.retry.response_timeout_ms);
     let tries = usize::try_from(config.retry.tries).unwrap_or(usize::MAX);
     let mut last = Failure::Connect;
-    for (attempt, &i) in candidates.iter().take(tries).enumerate() {
+    let connect_timeout = Config::ms(config.retry.connect_timeout_ms);
+    let mut k = 0;
+    let mut fresh_retry = false;
+    while k < candidates.len().min(tries) {
+        let i = candidates[k];
         let remaining = budget.saturating_sub(started.elapsed());
-        if attempt > 0 {
+        if k > 0 && !fresh_retry {
             if remaining.is_zero() {
                 break;
             }
@@ -316,9 +323,15 @@ async fn forward(
             (None, None) => break,
         };
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(http::uri::Scheme::HTTP)
             .authority(member.authority.clone())
-            .path_and_query(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+            .path_and_query(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            )
             .build();
         let Ok(uri) = uri else {
             return text(StatusCode::BAD_REQUEST, "400 bad request target\n");
@@ -330,10 +343,23 @@ async fn forward(
         member.stats.requests.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight::new(&member.stats);
         let sent = Instant::now();
-        let wait = per_try.min(if attempt == 0 { per_try } else { remaining });
-        let outcome = tokio::time::timeout(wait, shared.client.request(up)).await;
+        let wait = per_try.min(if k == 0 { per_try } else { remaining.max(Duration::from_millis(1)) });
+        let pool = member.stats.conns.clone();
+        let outcome = tokio::time::timeout(wait, async {
+            let mut conn = pool.checkout(member.addr, connect_timeout).await.map_err(Err)?;
+            match upstream::send(&mut conn, up).await {
+                Ok(res) => Ok((res, conn)),
+                Err(e) => Err(Ok((e, conn.reused()))),
+            }
+        })
+        .await;
+        let retry_fresh = |e: &hyper::Error, reused: bool| {
+            // The backend closed a kept-alive connection as we reused it: the
+            // request never reached the application, so try a new connection.
+            reused && buffered.is_some() && (e.is_canceled() || (idempotent && e.is_incomplete_message()))
+        };
         match outcome {
-            Ok(Ok(res)) => {
+            Ok(Ok((res, conn))) => {
                 member.stats.latency.observe(sent.elapsed());
                 let class = usize::from(res.status().as_u16() / 100).clamp(1, 5) - 1;
                 member.stats.responses[class].fetch_add(1, Ordering::Relaxed);
@@ -348,9 +374,7 @@ async fn forward(
                     let stale = match &choice.route {
                         Some(r) => {
                             r.primary != *member.id
-                                || r.backup
-                                    .as_deref()
-                                    .is_some_and(|b| g.pool.index_of(b).is_none())
+                                || r.backup.as_deref().is_some_and(|b| g.pool.index_of(b).is_none())
                         }
                         None => true,
                     };
@@ -370,20 +394,26 @@ async fn forward(
                     }
                 }
                 let body = Tracked {
-                    inner: rbody,
+                    inner: Streaming::new(rbody, conn, pool),
                     _guard: guard,
                 };
                 return Response::from_parts(rparts, Either::Left(body));
             }
-            Ok(Err(e)) => {
+            Ok(Err(Ok((e, reused)))) if !fresh_retry && retry_fresh(&e, reused) => {
+                tracing::debug!(backend = %member.id, error = %e, "kept-alive connection was closed; retrying on a new one");
+                fresh_retry = true;
+                continue;
+            }
+            Ok(Err(Err(e))) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
-                if e.is_connect() {
-                    tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
-                    last = Failure::Connect;
-                    continue;
-                }
-                tracing::warn!(backend = %member.id, error = ?e, "backend failed before response headers");
+                tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
+                last = Failure::Connect;
+            }
+            Ok(Err(Ok((e, _)))) => {
+                shared.record_failure(g, i);
+                member.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(backend = %member.id, error = %e, "backend failed before response headers");
                 last = Failure::Broken;
                 if !idempotent {
                     break;
@@ -399,6 +429,8 @@ async fn forward(
                 }
             }
         }
+        fresh_retry = false;
+        k += 1;
     }
     match last {
         Failure::Timeout => text(StatusCode::GATEWAY_TIMEOUT, "504 backend timed out\n"),

@@ -119,13 +119,22 @@ fn run() -> anyhow::Result<ExitCode> {
         .with_max_level(cli.log_level)
         .with_target(false)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Lb(args) = &cli.command {
-        if let Some(n) = args.threads {
-            anyhow::ensure!(n > 0, "--threads must be positive");
-            runtime.worker_threads(n);
+    let threads = match &cli.command {
+        Command::Lb(args) => args.threads,
+        _ => None,
+    };
+    // One thread means one thread: a current-thread runtime, as nginx's
+    // single worker, without cross-thread wake-ups.
+    let mut runtime = match threads {
+        Some(0) => anyhow::bail!("--threads must be positive"),
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-    }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = runtime
         .enable_all()
         .build()
