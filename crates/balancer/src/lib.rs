@@ -45,8 +45,8 @@ mod config;
 mod health;
 mod pool;
 mod proxy;
-mod upstream;
 pub mod select;
+mod upstream;
 
 pub use config::{
     parse_backend_flag, Backend, BackendConfig, Config, ConfigError, CookieConfig, HashConfig,

@@ -343,23 +343,35 @@ async fn forward(
         member.stats.requests.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight::new(&member.stats);
         let sent = Instant::now();
-        let wait = per_try.min(if k == 0 { per_try } else { remaining.max(Duration::from_millis(1)) });
+        let wait = per_try.min(if k == 0 {
+            per_try
+        } else {
+            remaining.max(Duration::from_millis(1))
+        });
         let pool = member.stats.conns.clone();
-        let outcome = tokio::time::timeout(wait, async {
-            let mut conn = pool.checkout(member.addr, connect_timeout).await.map_err(Err)?;
-            match upstream::send(&mut conn, up).await {
+        let outcome = async {
+            let mut conn = pool
+                .checkout(member.addr, connect_timeout)
+                .await
+                .map_err(Err)?;
+            match upstream::send(&mut conn, up, wait).await {
                 Ok(res) => Ok((res, conn)),
                 Err(e) => Err(Ok((e, conn.reused()))),
             }
-        })
+        }
         .await;
-        let retry_fresh = |e: &hyper::Error, reused: bool| {
+        let retry_fresh = |e: &upstream::SendError, reused: bool| {
             // The backend closed a kept-alive connection as we reused it: the
             // request never reached the application, so try a new connection.
-            reused && buffered.is_some() && (e.is_canceled() || (idempotent && e.is_incomplete_message()))
+            let upstream::SendError::Http(e) = e else {
+                return false;
+            };
+            reused
+                && buffered.is_some()
+                && (e.is_canceled() || (idempotent && e.is_incomplete_message()))
         };
         match outcome {
-            Ok(Ok((res, conn))) => {
+            Ok((res, conn)) => {
                 member.stats.latency.observe(sent.elapsed());
                 let class = usize::from(res.status().as_u16() / 100).clamp(1, 5) - 1;
                 member.stats.responses[class].fetch_add(1, Ordering::Relaxed);
@@ -374,7 +386,9 @@ async fn forward(
                     let stale = match &choice.route {
                         Some(r) => {
                             r.primary != *member.id
-                                || r.backup.as_deref().is_some_and(|b| g.pool.index_of(b).is_none())
+                                || r.backup
+                                    .as_deref()
+                                    .is_some_and(|b| g.pool.index_of(b).is_none())
                         }
                         None => true,
                     };
@@ -399,18 +413,18 @@ async fn forward(
                 };
                 return Response::from_parts(rparts, Either::Left(body));
             }
-            Ok(Err(Ok((e, reused)))) if !fresh_retry && retry_fresh(&e, reused) => {
+            Err(Ok((e, reused))) if !fresh_retry && retry_fresh(&e, reused) => {
                 tracing::debug!(backend = %member.id, error = %e, "kept-alive connection was closed; retrying on a new one");
                 fresh_retry = true;
                 continue;
             }
-            Ok(Err(Err(e))) => {
+            Err(Err(e)) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
                 last = Failure::Connect;
             }
-            Ok(Err(Ok((e, _)))) => {
+            Err(Ok((upstream::SendError::Http(e), _))) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %member.id, error = %e, "backend failed before response headers");
@@ -419,7 +433,7 @@ async fn forward(
                     break;
                 }
             }
-            Err(_) => {
+            Err(Ok((upstream::SendError::Timeout, _))) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %member.id, timeout = ?wait, "backend timed out");

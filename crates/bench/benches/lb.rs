@@ -85,7 +85,11 @@ fn main() {
     let rounds = arg("--rounds", 3);
     let connections = arg("--connections", 32);
     let bin = tether_bin();
-    assert!(bin.exists(), "{} missing: run scripts/bench-lb (it builds the release binary)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/bench-lb (it builds the release binary)",
+        bin.display()
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
