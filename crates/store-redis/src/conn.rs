@@ -1,0 +1,151 @@
+//! Connections for the three deployments, re-established after failures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::SentinelClient;
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::sync::Mutex;
+
+/// Where connections come from.
+pub(crate) enum Source {
+    /// One server.
+    Single(redis::Client),
+    /// The master named by Sentinel, resolved at every (re)connect.
+    Sentinel(Mutex<SentinelClient>),
+    /// A Redis Cluster; the driver follows MOVED/ASK and refreshes topology.
+    Cluster(redis::cluster::ClusterClient),
+}
+
+/// A live connection of either kind.
+#[derive(Clone)]
+pub(crate) enum Live {
+    Node(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Live {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Node(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Node(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Node(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Hands out a shared connection, making one when there is none, and
+/// forgets it after a connection-level failure so the next call reconnects
+/// (and, for Sentinel, asks the sentinels where the master is now).
+pub(crate) struct Connector {
+    source: Source,
+    current: Mutex<Option<Live>>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl Connector {
+    pub(crate) fn new(
+        source: Source,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            current: Mutex::new(None),
+            connect_timeout,
+            response_timeout,
+        })
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self.source, Source::Cluster(_))
+    }
+
+    /// The shared connection, connecting if needed.
+    pub(crate) async fn get(&self) -> Result<Live, RedisError> {
+        let mut current = self.current.lock().await;
+        if let Some(live) = current.as_ref() {
+            return Ok(live.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let connect = async {
+            match &self.source {
+                Source::Single(client) => client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(Live::Node),
+                Source::Sentinel(sentinel) => {
+                    let mut sentinel = sentinel.lock().await;
+                    let live = sentinel
+                        .get_async_connection_with_config(&config)
+                        .await
+                        .map(Live::Node);
+                    if live.is_ok() {
+                        tracing::info!("connected to the Redis master named by Sentinel");
+                    }
+                    live
+                }
+                Source::Cluster(client) => client.get_async_connection().await.map(Live::Cluster),
+            }
+        };
+        // Sentinel resolution and cluster discovery talk to several nodes:
+        // bound the whole attempt, not just one socket.
+        let live = tokio::time::timeout(self.connect_timeout * 3, connect)
+            .await
+            .map_err(|_| {
+                RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting to Redis timed out",
+                ))
+            })??;
+        *current = Some(live.clone());
+        Ok(live)
+    }
+
+    /// Drops the shared connection after `error` if it says the connection
+    /// (or the node's role) is no longer good.
+    pub(crate) async fn on_error(&self, error: &RedisError) {
+        if must_reconnect(error) && !self.is_cluster() {
+            *self.current.lock().await = None;
+        }
+    }
+
+    /// Drops the shared connection (Sentinel announced a new master).
+    pub(crate) async fn reset(&self) {
+        *self.current.lock().await = None;
+    }
+}
+
+/// Failures after which the connection must not be used again: I/O, a
+/// dropped connection, or a node that is no longer a writable master (a
+/// demoted master answers READONLY).
+pub(crate) fn must_reconnect(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+}
