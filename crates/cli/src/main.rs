@@ -81,7 +81,8 @@ struct NodeArgs {
     /// Address to listen on; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
-    /// Where sessions live: `memory`.
+    /// Where sessions live: `memory`, `redis://HOST:PORT`,
+    /// `redis+sentinel://HOST:PORT[,…]/MASTER` or `redis+cluster://HOST:PORT[,…]`.
     #[arg(long, default_value = "memory")]
     store: StoreSpec,
     /// Mark the session cookie Secure; `false` only for plain-HTTP development.
@@ -93,6 +94,18 @@ struct NodeArgs {
     /// Largest session accepted, in bytes.
     #[arg(long, default_value_t = tether_core::DEFAULT_MAX_SIZE)]
     max_session_bytes: usize,
+    /// Redis only: after logins, WAIT for N replicas up to MS milliseconds (N:MS).
+    #[arg(long, value_parser = parse_wait)]
+    redis_wait: Option<(u32, Duration)>,
+}
+
+fn parse_wait(s: &str) -> Result<(u32, Duration), String> {
+    let (n, ms) = s
+        .split_once(':')
+        .ok_or("expected REPLICAS:MILLISECONDS, e.g. 1:100")?;
+    let n = n.parse().map_err(|_| format!("bad replica count {n:?}"))?;
+    let ms = ms.parse().map_err(|_| format!("bad milliseconds {ms:?}"))?;
+    Ok((n, Duration::from_millis(ms)))
 }
 
 #[derive(clap::Args, Debug)]
@@ -235,6 +248,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         cookie_secure: args.cookie_secure,
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_session_bytes: args.max_session_bytes,
+        redis_wait: args.redis_wait,
     };
     tether_cli::node::serve(config, args.listen, shutdown_signal()?)
         .await

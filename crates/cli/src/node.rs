@@ -34,6 +34,8 @@ use tether::{MemoryStore, Session, SessionConfig, SessionError, SessionLayer};
 pub enum StoreSpec {
     /// This process's memory (the `local` strategy).
     Memory,
+    /// Redis: `redis://`, `rediss://`, `redis+sentinel://` or `redis+cluster://`.
+    Redis(String),
 }
 
 impl std::str::FromStr for StoreSpec {
@@ -41,9 +43,15 @@ impl std::str::FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "memory" => Ok(Self::Memory),
+            url if url.starts_with("redis") => {
+                // Check the URL now so a typo fails at startup.
+                tether_redis::RedisStore::open(url).map_err(|e| e.to_string())?;
+                Ok(Self::Redis(url.to_string()))
+            }
             other => Err(format!(
-                "unknown store {other:?}: this build supports `memory` \
-                 (redis://…, cluster and jwt are not implemented yet)"
+                "unknown store {other:?}: use memory, redis://HOST:PORT, \
+                 redis+sentinel://HOST:PORT[,…]/MASTER or redis+cluster://HOST:PORT[,…] \
+                 (cluster and jwt are not implemented yet)"
             )),
         }
     }
@@ -62,6 +70,8 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// The largest session accepted, in bytes.
     pub max_session_bytes: usize,
+    /// Redis only: `WAIT` for this many replicas (and this long) after logins.
+    pub redis_wait: Option<(u32, Duration)>,
 }
 
 impl NodeConfig {
@@ -73,6 +83,7 @@ impl NodeConfig {
             cookie_secure: true,
             idle_timeout: Duration::from_secs(1800),
             max_session_bytes: tether_core::DEFAULT_MAX_SIZE,
+            redis_wait: None,
         }
     }
 }
@@ -94,11 +105,22 @@ impl Node {
 }
 
 /// Builds the node's router and its state handle.
-pub fn app(config: &NodeConfig) -> (Router, Node) {
-    let (store, memory): (Arc<dyn tether::SessionStore>, _) = match config.store {
+///
+/// # Errors
+/// If the store cannot be set up (a Redis URL the driver rejects).
+pub fn app(config: &NodeConfig) -> Result<(Router, Node), tether_redis::OpenError> {
+    let (store, memory): (Arc<dyn tether::SessionStore>, _) = match &config.store {
         StoreSpec::Memory => {
             let store = Arc::new(MemoryStore::new().with_max_size(config.max_session_bytes));
             (store.clone(), Some(store))
+        }
+        StoreSpec::Redis(url) => {
+            let mut store =
+                tether_redis::RedisStore::open(url)?.with_max_size(config.max_session_bytes);
+            if let Some((replicas, timeout)) = config.redis_wait {
+                store = store.with_wait(replicas, timeout);
+            }
+            (Arc::new(store), None)
         }
     };
     let node = Node {
@@ -123,7 +145,7 @@ pub fn app(config: &NodeConfig) -> (Router, Node) {
         .route("/stats", get(stats))
         .layer(middleware::from_fn_with_state(node.clone(), tag))
         .with_state(node.clone());
-    (router, node)
+    Ok((router, node))
 }
 
 /// Serves the node on `listen` until `shutdown` resolves, then drains.
@@ -138,10 +160,14 @@ pub async fn serve(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (router, node) = app(&config);
+    let (router, node) = app(&config).map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(node = %config.id, %addr, store = ?config.store, "node started");
+    let store = match &config.store {
+        StoreSpec::Memory => "memory".to_string(),
+        StoreSpec::Redis(url) => redact(url),
+    };
+    tracing::info!(node = %config.id, %addr, %store, "node started");
     println!("tether node {} listening on http://{addr}", config.id);
     let draining = node.clone();
     axum::serve(listener, router)
@@ -154,6 +180,14 @@ pub async fn serve(
         .await?;
     tracing::info!(node = %config.id, "node stopped");
     Ok(())
+}
+
+/// A store URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }
 
 async fn tag(State(node): State<Node>, req: Request, next: Next) -> Response {
@@ -378,7 +412,8 @@ async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
     Json(json!({
         "node": &*node.id,
         "requests": node.requests.load(Ordering::Relaxed),
-        "sessions": sessions,
+        // Known for the memory store; a shared store's count is not this node's.
+        "sessions": node.memory.as_ref().map(|_| sessions),
         "session_bytes": bytes,
     }))
 }

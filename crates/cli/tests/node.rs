@@ -206,7 +206,7 @@ async fn sigterm_drains_and_exits_cleanly() {
 
 #[tokio::test]
 async fn health_reports_not_ready() {
-    let (router, handle) = tether_cli::node::app(&tether_cli::node::NodeConfig::new("A"));
+    let (router, handle) = tether_cli::node::app(&tether_cli::node::NodeConfig::new("A")).unwrap();
     let server = TestServer::serve(router).await.unwrap();
     let client = Client::new();
     assert_eq!(
@@ -258,4 +258,47 @@ async fn the_demo_reports_the_local_strategy_losing_the_user() {
     assert_eq!(local["same_node_status"], 200);
     assert_eq!(local["other_node_status"], 401);
     assert_eq!(local["still_logged_in"], false);
+}
+
+/// The brief's recommended strategy: both nodes share one Redis, so a login
+/// on A is a login on B.
+#[tokio::test]
+async fn with_redis_the_other_server_knows_the_session() {
+    let mut redis = tether_testkit::RedisServer::start().await.unwrap();
+    let url = redis.url();
+    let spawn = |id: &'static str| {
+        let url = url.clone();
+        async move { Process::spawn(bin(), &node_args(id, &url)).await.unwrap() }
+    };
+    let (a, b) = tokio::join!(spawn("A"), spawn("B"));
+    let user = Client::new();
+    let login = user
+        .post_json(&a.url("/login"), &json!({"member": 7}))
+        .await
+        .unwrap();
+    assert_eq!(login.json().unwrap(), json!({"member": 7, "node": "A"}));
+    let on_b = user.get(&b.url("/mypage")).await.unwrap();
+    assert_eq!(on_b.json().unwrap(), json!({"member": 7, "node": "B"}));
+    let cart = user
+        .post_json(&b.url("/cart"), &json!({"item": "book"}))
+        .await
+        .unwrap();
+    assert_eq!(cart.json().unwrap()["cart"], json!(["book"]));
+    let cart = user
+        .post_json(&a.url("/cart"), &json!({"item": "pen"}))
+        .await
+        .unwrap();
+    assert_eq!(cart.json().unwrap()["cart"], json!(["book", "pen"]));
+    // Redis down: 503 with a clear body, not a logout; back up: served again.
+    redis.stop().await;
+    let r = user.get(&b.url("/mypage")).await.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains("session store unavailable"));
+    redis.restart().await.unwrap();
+    let again = Client::new();
+    again
+        .post_json(&b.url("/login"), &json!({"member": 8}))
+        .await
+        .unwrap();
+    assert_eq!(again.get(&a.url("/mypage")).await.unwrap().status, 200);
 }

@@ -15,8 +15,9 @@ pub(crate) enum Source {
     Single(redis::Client),
     /// The master named by Sentinel, resolved at every (re)connect.
     Sentinel(Mutex<SentinelClient>),
-    /// A Redis Cluster; the driver follows MOVED/ASK and refreshes topology.
-    Cluster(redis::cluster::ClusterClient),
+    /// A Redis Cluster (seed nodes, username, password); the driver follows
+    /// MOVED/ASK and refreshes the topology.
+    Cluster(Vec<String>, Option<String>, Option<String>),
 }
 
 /// A live connection of either kind.
@@ -61,7 +62,7 @@ pub(crate) struct Connector {
     source: Source,
     current: Mutex<Option<Live>>,
     connect_timeout: Duration,
-    response_timeout: Duration,
+    response_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Connector {
@@ -74,12 +75,29 @@ impl Connector {
             source,
             current: Mutex::new(None),
             connect_timeout,
-            response_timeout,
+            response_timeout_ms: std::sync::atomic::AtomicU64::new(
+                u64::try_from(response_timeout.as_millis()).unwrap_or(u64::MAX),
+            ),
         })
     }
 
+    /// Makes the response timeout at least `min` (a `WAIT` must be able to
+    /// outlast its own timeout). Applies to connections made afterwards.
+    pub(crate) fn raise_response_timeout(&self, min: Duration) {
+        let ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
+        self.response_timeout_ms
+            .fetch_max(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn response_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.response_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     pub(crate) fn is_cluster(&self) -> bool {
-        matches!(self.source, Source::Cluster(_))
+        matches!(self.source, Source::Cluster(..))
     }
 
     /// The shared connection, connecting if needed.
@@ -90,7 +108,7 @@ impl Connector {
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.response_timeout));
+            .set_response_timeout(Some(self.response_timeout()));
         let connect = async {
             match &self.source {
                 Source::Single(client) => client
@@ -108,7 +126,22 @@ impl Connector {
                     }
                     live
                 }
-                Source::Cluster(client) => client.get_async_connection().await.map(Live::Cluster),
+                Source::Cluster(nodes, user, pass) => {
+                    let mut builder = redis::cluster::ClusterClient::builder(nodes.clone())
+                        .connection_timeout(self.connect_timeout)
+                        .response_timeout(self.response_timeout());
+                    if let Some(u) = user {
+                        builder = builder.username(u);
+                    }
+                    if let Some(p) = pass {
+                        builder = builder.password(p);
+                    }
+                    builder
+                        .build()?
+                        .get_async_connection()
+                        .await
+                        .map(Live::Cluster)
+                }
             }
         };
         // Sentinel resolution and cluster discovery talk to several nodes:

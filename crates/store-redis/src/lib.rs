@@ -200,16 +200,9 @@ impl RedisStore {
                 let (host, port) = host_port(url, h)?;
                 nodes.push(format!("redis://{host}:{port}"));
             }
-            let mut builder = redis::cluster::ClusterClient::builder(nodes)
-                .connection_timeout(Duration::from_secs(1))
-                .response_timeout(Duration::from_secs(2));
-            if let Some(u) = user {
-                builder = builder.username(u);
-            }
-            if let Some(p) = pass {
-                builder = builder.password(p);
-            }
-            Source::Cluster(builder.build().map_err(OpenError::Redis)?)
+            // Validate now so a bad URL fails at startup, not at first use.
+            redis::cluster::ClusterClient::new(nodes.clone()).map_err(OpenError::Redis)?;
+            Source::Cluster(nodes, user, pass)
         } else if url.starts_with("redis://") || url.starts_with("rediss://") {
             if url.starts_with("rediss://") && !cfg!(feature = "tls") {
                 return Err(url_error(
@@ -257,6 +250,8 @@ impl RedisStore {
     /// the write or `timeout` passes (`WAIT`); see the crate docs for limits.
     #[must_use]
     pub fn with_wait(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.conn
+            .raise_response_timeout(timeout + Duration::from_secs(1));
         self.wait = Some((replicas, timeout));
         self
     }

@@ -15,9 +15,12 @@ mod client;
 mod process;
 mod redis;
 
+/// The Redis client the kit uses, for tests that talk to its servers.
+pub use ::redis as redis_client;
+
 pub use client::{Client, Response};
 pub use process::{lb_args, node_args, Process, TestServer};
-pub use redis::{ping as redis_ping, RedisServer};
+pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
 
 /// Signal numbers for [`Process::signal`].
 pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
