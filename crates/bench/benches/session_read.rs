@@ -16,6 +16,10 @@ use tether_bench::{median, wrk, WrkResult};
 use tether_testkit::Client;
 
 fn tether_app() -> Router {
+    tether_app_with(tether::SessionLayer::new(tether::MemoryStore::new()))
+}
+
+fn tether_app_with(layer: tether::SessionLayer) -> Router {
     async fn login(session: tether::Session) -> Result<&'static str, tether::SessionError> {
         session.insert("loginMember", 7u64).await?;
         Ok("ok")
@@ -29,10 +33,7 @@ fn tether_app() -> Router {
     Router::new()
         .route("/login", post(login))
         .route("/mypage", get(mypage))
-        .layer(
-            tether::SessionLayer::new(tether::MemoryStore::new())
-                .with_config(tether::SessionConfig::default().with_secure(false)),
-        )
+        .layer(layer.with_config(tether::SessionConfig::default().with_secure(false)))
 }
 
 fn tower_sessions_app() -> Router {
@@ -55,7 +56,7 @@ fn tower_sessions_app() -> Router {
 }
 
 /// Serves `app` on its own thread with a single-threaded runtime.
-fn serve_on_own_core(app: fn() -> Router) -> SocketAddr {
+fn serve_on_own_core(app: Box<dyn FnOnce() -> Router + Send>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -74,7 +75,11 @@ fn serve_on_own_core(app: fn() -> Router) -> SocketAddr {
 }
 
 /// A server under test: its name, its router, its session cookie's name.
-type Peer = (&'static str, fn() -> Router, &'static str);
+type Peer = (
+    &'static str,
+    Box<dyn FnOnce() -> Router + Send>,
+    &'static str,
+);
 
 fn arg(name: &str, default: u32) -> u32 {
     let args: Vec<String> = std::env::args().collect();
@@ -89,15 +94,28 @@ fn main() {
     let seconds = arg("--seconds", 5);
     let rounds = arg("--rounds", 3);
     let connections = arg("--connections", 16);
-    let peers: [Peer; 2] = [
-        ("tether", tether_app, "SESSION"),
-        ("tower-sessions", tower_sessions_app, "id"),
-    ];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
+        // The store every node of a fleet would share, for comparison: a
+        // private redis-server on loopback, one round trip per read.
+        let redis = tether_testkit::RedisServer::start().await.expect("redis-server (apt-get install redis-server)");
+        let url = redis.url();
+        let peers: [Peer; 3] = [
+            ("tether+memory", Box::new(tether_app), "SESSION"),
+            ("tower-sessions", Box::new(tower_sessions_app), "id"),
+            (
+                "tether+redis",
+                Box::new(move || {
+                    tether_app_with(tether::SessionLayer::new(
+                        tether_redis::RedisStore::open(&url).expect("redis url"),
+                    ))
+                }),
+                "SESSION",
+            ),
+        ];
         let mut targets = Vec::new();
         for (name, app, cookie_name) in peers {
             let addr = serve_on_own_core(app);
