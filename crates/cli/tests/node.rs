@@ -302,3 +302,46 @@ async fn with_redis_the_other_server_knows_the_session() {
         .unwrap();
     assert_eq!(again.get(&a.url("/mypage")).await.unwrap().status, 200);
 }
+
+/// Sentinel failover seen through a node: during the outage the node says
+/// 503, never 401 (a silent logout), and afterwards the user is still in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_does_not_log_the_user_out() {
+    let mut set = tether_testkit::RedisSentinels::start("nodemaster")
+        .await
+        .unwrap();
+    let mut args = node_args("A", &set.url());
+    args.extend(["--redis-wait".to_string(), "1:2000".to_string()]);
+    let a = Process::spawn(bin(), &args).await.unwrap();
+    let user = Client::new();
+    let login = user
+        .post_json(&a.url("/login"), &json!({"member": 7}))
+        .await
+        .unwrap();
+    assert_eq!(login.status, 200, "{}", login.text());
+    set.master.stop().await;
+    let killed = std::time::Instant::now();
+    let mut unavailable = 0;
+    loop {
+        let r = user.get(&a.url("/mypage")).await.unwrap();
+        match r.status.as_u16() {
+            200 => break,
+            503 => unavailable += 1,
+            other => panic!("status {other} during failover: {}", r.text()),
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(30),
+            "no failover in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "sentinel failover through a node: {unavailable} requests got 503 over {:?}",
+        killed.elapsed()
+    );
+    let cart = user
+        .post_json(&a.url("/cart"), &json!({"item": "book"}))
+        .await
+        .unwrap();
+    assert_eq!(cart.status, 200, "writes after failover: {}", cart.text());
+}
