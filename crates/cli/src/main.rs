@@ -27,6 +27,15 @@ enum Command {
     Demo(DemoArgs),
     /// Run the load balancer (sticky sessions, health checks, failover).
     Lb(Box<LbArgs>),
+    /// Print a new HS256 key file for `node --store jwt --jwt-key-file`.
+    JwtKeygen(KeygenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeygenArgs {
+    /// The key's ID (`kid`).
+    #[arg(long, default_value = "k1")]
+    kid: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -97,6 +106,13 @@ struct NodeArgs {
     /// Redis only: after logins, WAIT for N replicas up to MS milliseconds (N:MS).
     #[arg(long, value_parser = parse_wait)]
     redis_wait: Option<(u32, Duration)>,
+    /// JWT only: the key file every node shares (`tether jwt-keygen` makes one).
+    #[arg(long)]
+    jwt_key_file: Option<std::path::PathBuf>,
+    /// JWT only: keep revocations (logout) in this store: `memory` (this node
+    /// only) or a Redis URL (every node). One store read per request.
+    #[arg(long)]
+    jwt_revocation: Option<StoreSpec>,
 }
 
 fn parse_wait(s: &str) -> Result<(u32, Duration), String> {
@@ -157,6 +173,10 @@ fn run() -> anyhow::Result<ExitCode> {
             Command::Node(args) => node(args).await,
             Command::Demo(args) => demo(args).await,
             Command::Lb(args) => lb(*args).await,
+            Command::JwtKeygen(args) => {
+                print!("{}", tether_jwt::generate_hs256_key_file(&args.kid));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }
@@ -249,7 +269,13 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_session_bytes: args.max_session_bytes,
         redis_wait: args.redis_wait,
+        jwt_key_file: args.jwt_key_file,
+        jwt_revocation: args.jwt_revocation,
     };
+    anyhow::ensure!(
+        config.store != StoreSpec::Jwt || config.jwt_key_file.is_some(),
+        "--store jwt needs --jwt-key-file FILE (make one with `tether jwt-keygen > keys.toml`)"
+    );
     tether_cli::node::serve(config, args.listen, shutdown_signal()?)
         .await
         .with_context(|| format!("serving on {}", args.listen))?;

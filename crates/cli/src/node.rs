@@ -36,6 +36,8 @@ pub enum StoreSpec {
     Memory,
     /// Redis: `redis://`, `rediss://`, `redis+sentinel://` or `redis+cluster://`.
     Redis(String),
+    /// No server state: signed tokens (`--jwt-key-file`).
+    Jwt,
 }
 
 impl std::str::FromStr for StoreSpec {
@@ -43,6 +45,7 @@ impl std::str::FromStr for StoreSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "memory" => Ok(Self::Memory),
+            "jwt" => Ok(Self::Jwt),
             url if url.starts_with("redis") => {
                 // Check the URL now so a typo fails at startup.
                 tether_redis::RedisStore::open(url).map_err(|e| e.to_string())?;
@@ -50,8 +53,8 @@ impl std::str::FromStr for StoreSpec {
             }
             other => Err(format!(
                 "unknown store {other:?}: use memory, redis://HOST:PORT, \
-                 redis+sentinel://HOST:PORT[,…]/MASTER or redis+cluster://HOST:PORT[,…] \
-                 (cluster and jwt are not implemented yet)"
+                 redis+sentinel://HOST:PORT[,…]/MASTER, redis+cluster://HOST:PORT[,…] \
+                 or jwt (the replicated cluster store is not implemented yet)"
             )),
         }
     }
@@ -72,6 +75,11 @@ pub struct NodeConfig {
     pub max_session_bytes: usize,
     /// Redis only: `WAIT` for this many replicas (and this long) after logins.
     pub redis_wait: Option<(u32, Duration)>,
+    /// JWT only: the key file shared by the nodes.
+    pub jwt_key_file: Option<std::path::PathBuf>,
+    /// JWT only: where revocations are kept (`memory` or a Redis URL); none
+    /// means tokens stay valid until they expire.
+    pub jwt_revocation: Option<StoreSpec>,
 }
 
 impl NodeConfig {
@@ -84,6 +92,8 @@ impl NodeConfig {
             idle_timeout: Duration::from_secs(1800),
             max_session_bytes: tether_core::DEFAULT_MAX_SIZE,
             redis_wait: None,
+            jwt_key_file: None,
+            jwt_revocation: None,
         }
     }
 }
@@ -95,6 +105,7 @@ pub struct Node {
     ready: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     memory: Option<Arc<MemoryStore>>,
+    revocation: Option<tether_jwt::Revocation>,
 }
 
 impl Node {
@@ -104,12 +115,14 @@ impl Node {
     }
 }
 
-/// Builds the node's router and its state handle.
-///
-/// # Errors
-/// If the store cannot be set up (a Redis URL the driver rejects).
-pub fn app(config: &NodeConfig) -> Result<(Router, Node), tether_redis::OpenError> {
-    let (store, memory): (Arc<dyn tether::SessionStore>, _) = match &config.store {
+/// Why a node could not be built.
+pub type AppError = Box<dyn std::error::Error + Send + Sync>;
+
+fn server_store(
+    spec: &StoreSpec,
+    config: &NodeConfig,
+) -> Result<(Arc<dyn tether::SessionStore>, Option<Arc<MemoryStore>>), AppError> {
+    Ok(match spec {
         StoreSpec::Memory => {
             let store = Arc::new(MemoryStore::new().with_max_size(config.max_session_bytes));
             (store.clone(), Some(store))
@@ -122,29 +135,73 @@ pub fn app(config: &NodeConfig) -> Result<(Router, Node), tether_redis::OpenErro
             }
             (Arc::new(store), None)
         }
+        StoreSpec::Jwt => return Err("jwt is not a store for server-side state".into()),
+    })
+}
+
+/// Builds the node's router and its state handle.
+///
+/// # Errors
+/// If the store cannot be set up (a Redis URL the driver rejects, a
+/// missing or invalid JWT key file).
+pub fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
+    let sessions = SessionConfig::default()
+        .with_secure(config.cookie_secure)
+        .with_idle_timeout(config.idle_timeout)
+        .with_header("X-Auth-Token");
+    let mut jwks = None;
+    let mut revocation = None;
+    let (layer, memory) = match &config.store {
+        StoreSpec::Jwt => {
+            let path = config
+                .jwt_key_file
+                .as_ref()
+                .ok_or("--store jwt needs --jwt-key-file")?;
+            let codec =
+                tether_jwt::JwtCodec::from_key_file(path)?.with_subject_attribute("loginMember");
+            jwks = Some(codec.jwks().clone());
+            let mut jwt = tether::JwtSessions::new(codec);
+            if let Some(spec) = &config.jwt_revocation {
+                let (store, _) = server_store(spec, config)?;
+                let lifetime = sessions.expiry().absolute.unwrap_or(config.idle_timeout);
+                let r = tether_jwt::Revocation::new(store, lifetime);
+                revocation = Some(r.clone());
+                jwt = jwt.with_revocation(r);
+            }
+            (SessionLayer::jwt(jwt), None)
+        }
+        spec => {
+            let (store, memory) = server_store(spec, config)?;
+            (SessionLayer::from_arc(store), memory)
+        }
     };
     let node = Node {
         id: config.id.as_str().into(),
         ready: Arc::new(AtomicBool::new(true)),
         requests: Arc::new(AtomicU64::new(0)),
         memory,
+        revocation,
     };
-    let sessions = SessionConfig::default()
-        .with_secure(config.cookie_secure)
-        .with_idle_timeout(config.idle_timeout)
-        .with_header("X-Auth-Token");
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/", get(mypage))
         .route("/login", get(login_page).post(login))
         .route("/mypage", get(mypage))
         .route("/cart", post(cart))
         .route("/logout", post(logout))
-        .layer(SessionLayer::from_arc(store).with_config(sessions))
+        .route("/logout-everywhere", post(logout_everywhere))
+        .layer(layer.with_config(sessions))
         // Health and stats sit outside the session layer: probes carry no session.
         .route("/health", get(health))
         .route("/stats", get(stats))
         .layer(middleware::from_fn_with_state(node.clone(), tag))
         .with_state(node.clone());
+    if let Some(jwks) = jwks {
+        // Verifiers that must not be able to sign fetch the public keys here.
+        router = router.route(
+            "/.well-known/jwks.json",
+            get(move || async move { Json(jwks) }),
+        );
+    }
     Ok((router, node))
 }
 
@@ -166,6 +223,7 @@ pub async fn serve(
     let store = match &config.store {
         StoreSpec::Memory => "memory".to_string(),
         StoreSpec::Redis(url) => redact(url),
+        StoreSpec::Jwt => "jwt".to_string(),
     };
     tracing::info!(node = %config.id, %addr, %store, "node started");
     println!("tether node {} listening on http://{addr}", config.id);
@@ -386,6 +444,34 @@ async fn logout(
         return Ok(page(&node.id, "logged out", LOGIN_FORM).into_response());
     }
     Ok(Json(json!({ "logged_out": true, "node": &*node.id })).into_response())
+}
+
+/// Ends every session of the logged-in member (needs `--jwt-revocation`).
+async fn logout_everywhere(
+    State(node): State<Node>,
+    session: Session,
+) -> Result<Response, SessionError> {
+    let Some(member) = session.get::<u64>("loginMember").await? else {
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "not logged in", "node": &*node.id })),
+        )
+            .into_response());
+    };
+    let Some(revocation) = &node.revocation else {
+        let msg = "log out everywhere needs --store jwt with --jwt-revocation";
+        return Ok((
+            StatusCode::NOT_IMPLEMENTED,
+            Json(json!({ "error": msg, "node": &*node.id })),
+        )
+            .into_response());
+    };
+    revocation
+        .revoke_subject(&member.to_string(), tether::Timestamp::now())
+        .await
+        .map_err(SessionError::Store)?;
+    session.destroy().await?;
+    Ok(Json(json!({ "logged_out_everywhere": member, "node": &*node.id })).into_response())
 }
 
 async fn health(State(node): State<Node>) -> Response {

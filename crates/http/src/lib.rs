@@ -56,11 +56,13 @@
 mod config;
 mod error;
 mod extract;
+mod jwt;
 mod layer;
 mod session;
 
 pub use config::{Clock, SameSite, SessionConfig};
 pub use error::SessionError;
+pub use jwt::JwtSessions;
 pub use layer::{SessionLayer, SessionService};
 pub use session::Session;
 pub use tether_core::{

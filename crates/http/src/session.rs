@@ -41,12 +41,25 @@ pub struct Session {
 }
 
 struct Inner {
-    store: Arc<dyn SessionStore>,
+    backend: Backend,
     config: Arc<SessionConfig>,
     now: Timestamp,
     incoming: Option<SessionId>,
+    /// The token the client sent (stateless mode).
+    token: Option<String>,
     loaded: OnceCell<Option<Record>>,
+    /// Subject and expiry of the verified token (stateless mode).
+    verified: std::sync::OnceLock<tether_jwt::Verified>,
     state: Mutex<State>,
+}
+
+/// Where sessions live for a layer.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    /// Server-side, in a store; the client holds the ID.
+    Store(Arc<dyn SessionStore>),
+    /// Client-side, in a signed token.
+    Jwt(Arc<crate::jwt::JwtSessions>),
 }
 
 #[derive(Default)]
@@ -67,6 +80,8 @@ pub(crate) enum Outcome {
     Nothing,
     /// Hand this ID to the client (new, rotated, or re-sent to slide `Max-Age`).
     Issue(SessionId),
+    /// Hand this token to the client (stateless mode).
+    IssueToken(String),
     /// Tell the client to forget its ID.
     Remove,
 }
@@ -99,34 +114,73 @@ fn decode<T: DeserializeOwned>(key: &str, raw: &RawValue) -> Result<T, SessionEr
 
 impl Session {
     pub(crate) fn new(
-        store: Arc<dyn SessionStore>,
+        backend: Backend,
         config: Arc<SessionConfig>,
         incoming: Option<SessionId>,
+        token: Option<String>,
     ) -> Self {
         let now = (config.clock)();
         Self {
             inner: Arc::new(Inner {
-                store,
+                backend,
                 config,
                 now,
                 incoming,
+                token,
                 loaded: OnceCell::new(),
+                verified: std::sync::OnceLock::new(),
                 state: Mutex::new(State::default()),
             }),
         }
     }
 
-    /// The stored session, loaded at most once per request.
-    async fn record(&self) -> Result<Option<&Record>, SessionError> {
-        let Some(id) = self.inner.incoming else {
+    /// Verifies the client's token (stateless mode): a token that does not
+    /// verify is "no session"; a revocation check that cannot be made is an error.
+    async fn open_token(
+        &self,
+        jwt: &crate::jwt::JwtSessions,
+    ) -> Result<Option<Record>, StoreError> {
+        let Some(token) = &self.inner.token else {
             return Ok(None);
         };
-        let load = Load::refreshing(self.inner.now, self.inner.config.refresh_after());
-        let loaded = self
-            .inner
-            .loaded
-            .get_or_try_init(|| self.inner.store.load(&id, load))
-            .await;
+        let verified = match jwt.codec.decode(token, self.inner.now) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::debug!(reason = %e, "session token refused");
+                return Ok(None);
+            }
+        };
+        if let Some(revocation) = &jwt.revocation {
+            if revocation.is_revoked(&verified, self.inner.now).await? {
+                tracing::debug!("session token revoked");
+                return Ok(None);
+            }
+        }
+        let record = verified.record.clone();
+        let _ = self.inner.verified.set(verified);
+        Ok(Some(record))
+    }
+
+    /// The stored session, loaded at most once per request.
+    async fn record(&self) -> Result<Option<&Record>, SessionError> {
+        let loaded = match &self.inner.backend {
+            Backend::Store(store) => {
+                let Some(id) = self.inner.incoming else {
+                    return Ok(None);
+                };
+                let load = Load::refreshing(self.inner.now, self.inner.config.refresh_after());
+                self.inner
+                    .loaded
+                    .get_or_try_init(|| store.load(&id, load))
+                    .await
+            }
+            Backend::Jwt(jwt) => {
+                self.inner
+                    .loaded
+                    .get_or_try_init(|| self.open_token(jwt))
+                    .await
+            }
+        };
         match loaded {
             Ok(record) => Ok(record.as_ref()),
             Err(e) => {
@@ -181,6 +235,10 @@ impl Session {
     /// exceeds the store's size limit. Nothing is changed on error.
     pub async fn insert<T: Serialize>(&self, key: &str, value: T) -> Result<(), SessionError> {
         let raw = encode(key, &value)?;
+        // A token carries the whole session, so writing one needs the rest.
+        if matches!(self.inner.backend, Backend::Jwt(_)) {
+            self.record().await?;
+        }
         self.set_raw(key, Some(raw))
     }
 
@@ -239,6 +297,10 @@ impl Session {
 
     /// Removes every attribute; the session (and its ID) stays.
     pub async fn clear(&self) {
+        if matches!(self.inner.backend, Backend::Jwt(_)) {
+            // A failure is recorded and answered with 503 by the layer.
+            let _ = self.record().await;
+        }
         let mut state = lock(&self.inner.state);
         state.delta.changes.clear();
         state.delta.clear = true;
@@ -251,6 +313,9 @@ impl Session {
     /// # Errors
     /// None today; the `Result` leaves room for stores that rotate eagerly.
     pub async fn cycle_id(&self) -> Result<(), SessionError> {
+        if matches!(self.inner.backend, Backend::Jwt(_)) {
+            self.record().await?;
+        }
         let mut state = lock(&self.inner.state);
         if !state.destroyed {
             state.rotate = true;
@@ -266,6 +331,10 @@ impl Session {
     /// # Errors
     /// None today; the `Result` leaves room for stores that delete eagerly.
     pub async fn destroy(&self) -> Result<(), SessionError> {
+        if matches!(self.inner.backend, Backend::Jwt(_)) {
+            // The token's ID and subject are needed to revoke it.
+            self.record().await?;
+        }
         let mut state = lock(&self.inner.state);
         state.destroyed = true;
         state.rotate = false;
@@ -298,8 +367,8 @@ impl Session {
                 return Ok(state.next_id);
             }
         }
-        if self.record().await?.is_some() {
-            return Ok(self.inner.incoming);
+        if let Some(r) = self.record().await? {
+            return Ok(Some(r.id));
         }
         Ok(new_id(&mut lock(&self.inner.state)))
     }
@@ -312,7 +381,13 @@ impl Session {
     }
 
     fn set_raw(&self, key: &str, value: Option<Box<RawValue>>) -> Result<(), SessionError> {
-        let limit = self.inner.store.max_size();
+        if let Backend::Jwt(jwt) = &self.inner.backend {
+            return self.set_raw_token(jwt, key, value);
+        }
+        let Backend::Store(store) = &self.inner.backend else {
+            unreachable!("matched above")
+        };
+        let limit = store.max_size();
         if let Some(raw) = &value {
             let size = key.len() + raw.get().len();
             if size > limit {
@@ -338,9 +413,145 @@ impl Session {
         Ok(())
     }
 
+    /// In stateless mode the limit is the token's length: sign the projected
+    /// session and measure it, so the handler sees the error at `insert`.
+    fn set_raw_token(
+        &self,
+        jwt: &crate::jwt::JwtSessions,
+        key: &str,
+        value: Option<Box<RawValue>>,
+    ) -> Result<(), SessionError> {
+        let mut state = lock(&self.inner.state);
+        let previous = state.delta.changes.insert(key.to_string(), value);
+        let base = match (state.destroyed, self.inner.loaded.get()) {
+            (false, Some(Some(r))) => Some(r.clone()),
+            _ => None,
+        };
+        let record = self.project(base, &state.delta, state.next_id);
+        let len = jwt
+            .codec
+            .encode(&record)
+            .map(|t| t.len())
+            .unwrap_or(usize::MAX);
+        if len > jwt.codec.max_len() {
+            match previous {
+                Some(p) => state.delta.changes.insert(key.to_string(), p),
+                None => state.delta.changes.remove(key),
+            };
+            return Err(SessionError::TooLarge {
+                size: len,
+                limit: jwt.codec.max_len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The session after `delta`: `base` changed, or a new one.
+    fn project(&self, base: Option<Record>, delta: &Delta, id: Option<SessionId>) -> Record {
+        let now = self.inner.now;
+        match base {
+            Some(mut r) => {
+                if !delta.is_empty() {
+                    r.apply(delta, now);
+                }
+                r
+            }
+            None => {
+                let mut r = Record::new(
+                    id.unwrap_or_else(SessionId::random),
+                    now,
+                    self.inner.config.expiry,
+                );
+                for (k, v) in &delta.changes {
+                    if let Some(v) = v {
+                        r.attributes.insert(k.clone(), v.clone());
+                    }
+                }
+                if let Some(idle) = delta.idle_ms {
+                    r.idle_ms = idle;
+                }
+                r
+            }
+        }
+    }
+
+    /// Stateless save: sign a new token when anything changed or the sliding
+    /// refresh is due; revoke on logout.
+    async fn save_token(&self, jwt: &crate::jwt::JwtSessions) -> Result<Outcome, StoreError> {
+        let now = self.inner.now;
+        let (delta, rotate, destroyed, next_id) = {
+            let mut state = lock(&self.inner.state);
+            (
+                std::mem::take(&mut state.delta),
+                state.rotate,
+                state.destroyed,
+                state.next_id,
+            )
+        };
+        let current = self.inner.loaded.get().cloned().flatten();
+        let revoke_current = |why: &'static str| async move {
+            if let (Some(revocation), Some(verified)) = (&jwt.revocation, self.inner.verified.get())
+            {
+                tracing::debug!(why, "revoking the session token");
+                revocation.revoke(verified, now).await?;
+            }
+            Ok::<(), StoreError>(())
+        };
+        if destroyed {
+            revoke_current("logout").await?;
+            let has_sets = delta.changes.values().any(Option::is_some);
+            if !has_sets {
+                return Ok(if self.inner.token.is_some() {
+                    Outcome::Remove
+                } else {
+                    Outcome::Nothing
+                });
+            }
+            return self.issue(jwt, self.project(None, &delta, next_id));
+        }
+        let has_sets = delta.changes.values().any(Option::is_some);
+        let mut record = match current {
+            Some(r) => r,
+            None if has_sets => return self.issue(jwt, self.project(None, &delta, next_id)),
+            None => return Ok(Outcome::Nothing),
+        };
+        let refresh = now.since(record.last_access) >= self.inner.config.refresh_after();
+        if !rotate && delta.is_empty() && !refresh {
+            return Ok(Outcome::Nothing);
+        }
+        if rotate {
+            // The pre-login token stays valid until it expires unless revoked.
+            revoke_current("rotation").await?;
+            record.id = next_id.unwrap_or_else(SessionId::random);
+        }
+        if delta.is_empty() {
+            record.last_access = record.last_access.max(now);
+        } else {
+            record.apply(&delta, now);
+        }
+        self.issue(jwt, record)
+    }
+
+    fn issue(&self, jwt: &crate::jwt::JwtSessions, record: Record) -> Result<Outcome, StoreError> {
+        let token = jwt
+            .codec
+            .encode(&record)
+            .map_err(|e| StoreError::Corrupt(Box::new(e)))?;
+        if token.len() > jwt.codec.max_len() {
+            return Err(StoreError::TooLarge {
+                size: token.len(),
+                limit: jwt.codec.max_len(),
+            });
+        }
+        Ok(Outcome::IssueToken(token))
+    }
+
     /// Writes what this request changed; called once, after the handler.
     pub(crate) async fn save(&self) -> Result<Outcome, StoreError> {
-        let store = &self.inner.store;
+        let store = match &self.inner.backend {
+            Backend::Store(store) => store,
+            Backend::Jwt(jwt) => return self.save_token(jwt).await,
+        };
         let now = self.inner.now;
         let (delta, rotate, destroyed, next_id) = {
             let mut state = lock(&self.inner.state);
@@ -443,7 +654,10 @@ impl Session {
             return Ok(Outcome::Nothing);
         }
         for _ in 0..8 {
-            match self.inner.store.create(&record).await {
+            let Backend::Store(store) = &self.inner.backend else {
+                unreachable!("stateless sessions are never created in a store")
+            };
+            match store.create(&record).await {
                 Ok(()) => return Ok(Outcome::Issue(record.id)),
                 Err(StoreError::Collision) => record.id = SessionId::random(),
                 Err(e) => return Err(e),

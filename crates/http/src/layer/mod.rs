@@ -10,6 +10,8 @@ use tether_core::SessionStore;
 use tower_layer::Layer;
 
 use crate::config::SessionConfig;
+use crate::jwt::JwtSessions;
+use crate::session::Backend;
 #[cfg(doc)]
 use crate::Session;
 
@@ -23,7 +25,7 @@ use crate::Session;
 /// ```
 #[derive(Clone)]
 pub struct SessionLayer {
-    store: Arc<dyn SessionStore>,
+    backend: Backend,
     config: Arc<SessionConfig>,
 }
 
@@ -44,7 +46,15 @@ impl SessionLayer {
     /// A layer over a store shared with other code (to read its statistics, say).
     pub fn from_arc(store: Arc<dyn SessionStore>) -> Self {
         Self {
-            store,
+            backend: Backend::Store(store),
+            config: Arc::new(SessionConfig::default()),
+        }
+    }
+
+    /// A layer whose sessions live in signed tokens held by the client.
+    pub fn jwt(sessions: JwtSessions) -> Self {
+        Self {
+            backend: Backend::Jwt(Arc::new(sessions)),
             config: Arc::new(SessionConfig::default()),
         }
     }
@@ -61,6 +71,6 @@ impl<S> Layer<S> for SessionLayer {
     type Service = SessionService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        SessionService::new(inner, self.store.clone(), self.config.clone())
+        SessionService::new(inner, self.backend.clone(), self.config.clone())
     }
 }

@@ -7,18 +7,18 @@ use axum_core::body::Body;
 use axum_core::response::Response;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, StatusCode};
-use tether_core::{SessionId, SessionStore};
+use tether_core::SessionId;
 use tower_service::Service;
 
 use crate::config::SessionConfig;
 use crate::error::{error_response, store_message, store_status};
-use crate::session::{Outcome, Session};
+use crate::session::{Backend, Outcome, Session};
 
 /// The service built by [`crate::SessionLayer`].
 #[derive(Clone)]
 pub struct SessionService<S> {
     inner: S,
-    store: Arc<dyn SessionStore>,
+    backend: Backend,
     config: Arc<SessionConfig>,
 }
 
@@ -31,10 +31,10 @@ impl<S> std::fmt::Debug for SessionService<S> {
 }
 
 impl<S> SessionService<S> {
-    pub(crate) fn new(inner: S, store: Arc<dyn SessionStore>, config: Arc<SessionConfig>) -> Self {
+    pub(crate) fn new(inner: S, backend: Backend, config: Arc<SessionConfig>) -> Self {
         Self {
             inner,
-            store,
+            backend,
             config,
         }
     }
@@ -78,6 +78,39 @@ fn incoming(headers: &HeaderMap, config: &SessionConfig) -> (Option<SessionId>, 
     (None, Via::Nothing)
 }
 
+/// The client's token (stateless mode): the session cookie's value, or a
+/// bearer token, or the configured header.
+fn incoming_token(headers: &HeaderMap, config: &SessionConfig) -> (Option<String>, Via) {
+    let from_cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, v)| *k == config.cookie_name && !v.is_empty())
+        .map(|(_, v)| v.trim().to_string());
+    if let Some(t) = from_cookie {
+        return (Some(t), Via::Cookie);
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| t.trim().to_string());
+    let from_header = bearer.or_else(|| {
+        let name = config.header.as_ref()?;
+        headers
+            .get(name)?
+            .to_str()
+            .ok()
+            .map(|t| t.trim().to_string())
+    });
+    match from_header {
+        Some(t) if !t.is_empty() => (Some(t), Via::Header),
+        _ => (None, Via::Nothing),
+    }
+}
+
 fn apply_outcome(headers: &mut HeaderMap, outcome: &Outcome, via: Via, config: &SessionConfig) {
     let (cookie, token) = match outcome {
         Outcome::Nothing => return,
@@ -85,6 +118,7 @@ fn apply_outcome(headers: &mut HeaderMap, outcome: &Outcome, via: Via, config: &
             let id = id.encode();
             (config.set_cookie(id.as_str()), id.as_str().to_string())
         }
+        Outcome::IssueToken(t) => (config.set_cookie(t), t.clone()),
         Outcome::Remove => (config.removal_cookie(), String::new()),
     };
     if via != Via::Header {
@@ -126,8 +160,22 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
-        let (id, via) = incoming(req.headers(), &config);
-        let session = Session::new(self.store.clone(), config.clone(), id);
+        let (session, via) = match &self.backend {
+            Backend::Store(_) => {
+                let (id, via) = incoming(req.headers(), &config);
+                (
+                    Session::new(self.backend.clone(), config.clone(), id, None),
+                    via,
+                )
+            }
+            Backend::Jwt(_) => {
+                let (token, via) = incoming_token(req.headers(), &config);
+                (
+                    Session::new(self.backend.clone(), config.clone(), None, token),
+                    via,
+                )
+            }
+        };
         req.extensions_mut().insert(session.clone());
 
         Box::pin(async move {
