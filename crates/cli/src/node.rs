@@ -118,10 +118,11 @@ impl Node {
 /// Why a node could not be built.
 pub type AppError = Box<dyn std::error::Error + Send + Sync>;
 
-fn server_store(
-    spec: &StoreSpec,
-    config: &NodeConfig,
-) -> Result<(Arc<dyn tether::SessionStore>, Option<Arc<MemoryStore>>), AppError> {
+/// A server-side store, and the same store as a `MemoryStore` when it is one
+/// (its statistics are served on `/stats`).
+type ServerStore = (Arc<dyn tether::SessionStore>, Option<Arc<MemoryStore>>);
+
+fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, AppError> {
     Ok(match spec {
         StoreSpec::Memory => {
             let store = Arc::new(MemoryStore::new().with_max_size(config.max_session_bytes));
