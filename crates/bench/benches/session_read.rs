@@ -103,7 +103,24 @@ fn main() {
         // private redis-server on loopback, one round trip per read.
         let redis = tether_testkit::RedisServer::start().await.expect("redis-server (apt-get install redis-server)");
         let url = redis.url();
-        let peers: [Peer; 3] = [
+        let keys = tether_jwt::generate_hs256_key_file("bench");
+        let jwt = move |revocation: Option<String>| -> Box<dyn FnOnce() -> Router + Send> {
+            let keys = keys.clone();
+            Box::new(move || {
+                let codec = tether_jwt::JwtCodec::from_toml(&keys).expect("key file");
+                let mut sessions = tether::JwtSessions::new(codec.with_subject_attribute("loginMember"));
+                if let Some(url) = revocation {
+                    let store = tether_redis::RedisStore::open(&url).expect("redis url");
+                    sessions = sessions.with_revocation(tether_jwt::Revocation::new(
+                        std::sync::Arc::new(store),
+                        std::time::Duration::from_secs(43_200),
+                    ));
+                }
+                tether_app_with(tether::SessionLayer::jwt(sessions))
+            })
+        };
+        let redis_url = redis.url();
+        let peers: [Peer; 5] = [
             ("tether+memory", Box::new(tether_app), "SESSION"),
             ("tower-sessions", Box::new(tower_sessions_app), "id"),
             (
@@ -115,6 +132,8 @@ fn main() {
                 }),
                 "SESSION",
             ),
+            ("tether+jwt", jwt(None), "SESSION"),
+            ("tether+jwt+revocation", jwt(Some(redis_url)), "SESSION"),
         ];
         let mut targets = Vec::new();
         for (name, app, cookie_name) in peers {
@@ -128,6 +147,9 @@ fn main() {
             let cookie = client.cookie(cookie_name).expect("session cookie");
             let check = client.get(&format!("http://{addr}/mypage")).await.expect("mypage");
             assert_eq!(check.text(), "7", "{name} does not read the session");
+            if name.contains("jwt") {
+                eprintln!("{name}: a session holding loginMember is a {}-byte token", cookie.len());
+            }
             targets.push((name, addr, format!("Cookie: {cookie_name}={cookie}")));
         }
         let mut results: Vec<Vec<WrkResult>> = vec![Vec::new(); targets.len()];
