@@ -147,6 +147,13 @@ pub trait SessionStore: Send + Sync + 'static {
     fn max_size(&self) -> usize {
         DEFAULT_MAX_SIZE
     }
+
+    /// An identifier for a new or rotated session. Random by default; a
+    /// replicated store may draw until the ID is one it owns, so a login's
+    /// session starts on the node that served the login.
+    fn propose_id(&self) -> SessionId {
+        SessionId::random()
+    }
 }
 
 macro_rules! forward_store {
@@ -181,6 +188,9 @@ macro_rules! forward_store {
             }
             fn max_size(&self) -> usize {
                 (**self).max_size()
+            }
+            fn propose_id(&self) -> SessionId {
+                (**self).propose_id()
             }
         }
     };

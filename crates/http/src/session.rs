@@ -319,7 +319,7 @@ impl Session {
         let mut state = lock(&self.inner.state);
         if !state.destroyed {
             state.rotate = true;
-            state.next_id = Some(SessionId::random());
+            state.next_id = Some(self.fresh_id());
         }
         Ok(())
     }
@@ -354,10 +354,10 @@ impl Session {
     /// # Errors
     /// [`SessionError::Store`] if the session had to be loaded and the store failed.
     pub async fn id(&self) -> Result<Option<SessionId>, SessionError> {
-        fn new_id(state: &mut State) -> Option<SessionId> {
+        let new_id = |state: &mut State| {
             let sets = state.delta.changes.values().any(Option::is_some);
-            sets.then(|| *state.next_id.get_or_insert_with(SessionId::random))
-        }
+            sets.then(|| *state.next_id.get_or_insert_with(|| self.fresh_id()))
+        };
         {
             let mut state = lock(&self.inner.state);
             if state.destroyed {
@@ -371,6 +371,15 @@ impl Session {
             return Ok(Some(r.id));
         }
         Ok(new_id(&mut lock(&self.inner.state)))
+    }
+
+    /// A fresh identifier: the store's choice (a replicated store picks one
+    /// it owns), random for tokens.
+    fn fresh_id(&self) -> SessionId {
+        match &self.inner.backend {
+            Backend::Store(store) => store.propose_id(),
+            Backend::Jwt(_) => SessionId::random(),
+        }
     }
 
     /// Whether a store operation failed while the handler ran; the layer then
@@ -589,12 +598,12 @@ impl Session {
 
         match existing {
             Some(old) if rotate => {
-                let mut new = next_id.unwrap_or_else(SessionId::random);
+                let mut new = next_id.unwrap_or_else(|| self.fresh_id());
                 for _ in 0..8 {
                     match store.rotate(&old, &new, &delta, now).await {
                         Ok(Some(_)) => return Ok(Outcome::Issue(new)),
                         Ok(None) => return self.create(&delta, Some(new)).await,
-                        Err(StoreError::Collision) => new = SessionId::random(),
+                        Err(StoreError::Collision) => new = self.fresh_id(),
                         Err(e) => return Err(e),
                     }
                 }
@@ -636,7 +645,7 @@ impl Session {
     /// Creates a new session from the sets in `delta`; nothing if it sets nothing.
     async fn create(&self, delta: &Delta, id: Option<SessionId>) -> Result<Outcome, StoreError> {
         let mut record = Record::new(
-            id.unwrap_or_else(SessionId::random),
+            id.unwrap_or_else(|| self.fresh_id()),
             self.inner.now,
             self.inner.config.expiry,
         );
@@ -659,7 +668,7 @@ impl Session {
             };
             match store.create(&record).await {
                 Ok(()) => return Ok(Outcome::Issue(record.id)),
-                Err(StoreError::Collision) => record.id = SessionId::random(),
+                Err(StoreError::Collision) => record.id = self.fresh_id(),
                 Err(e) => return Err(e),
             }
         }
