@@ -50,7 +50,7 @@ impl StoreError {
 }
 
 /// What a load should do about the lazy expiry refresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Load {
     /// The caller's current time; a session expired at this time is not returned.
     pub now: Timestamp,
