@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the reference app server (login, mypage, cart, logout, health).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Replay the brief's scenario and print the measured comparison.
     Demo(DemoArgs),
     /// Run the load balancer (sticky sessions, health checks, failover).
@@ -91,7 +91,8 @@ struct NodeArgs {
     #[arg(long, default_value = "127.0.0.1:9001")]
     listen: SocketAddr,
     /// Where sessions live: `memory`, `redis://HOST:PORT`,
-    /// `redis+sentinel://HOST:PORT[,…]/MASTER` or `redis+cluster://HOST:PORT[,…]`.
+    /// `redis+sentinel://HOST:PORT[,…]/MASTER`, `redis+cluster://HOST:PORT[,…]`,
+    /// `cluster` (replicated among the nodes) or `jwt` (signed tokens).
     #[arg(long, default_value = "memory")]
     store: StoreSpec,
     /// Mark the session cookie Secure; `false` only for plain-HTTP development.
@@ -113,6 +114,61 @@ struct NodeArgs {
     /// only) or a Redis URL (every node). One store read per request.
     #[arg(long)]
     jwt_revocation: Option<StoreSpec>,
+    /// Cluster only: TCP replication and UDP gossip address (port 0: a free one).
+    #[arg(long)]
+    cluster_listen: Option<SocketAddr>,
+    /// Cluster only: another node as ID=HOST:PORT (its cluster address); repeat.
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+    /// Cluster only: `all` (every node holds every session) or `backup` (owner + k).
+    #[arg(long, default_value = "backup")]
+    replication: String,
+    /// Cluster only: backups per session in `backup` mode.
+    #[arg(long, default_value_t = 1)]
+    backups: usize,
+    /// Cluster only: `sync` (answer after the backups acknowledged) or `async`.
+    #[arg(long, default_value = "sync")]
+    ack: String,
+    /// Cluster only: the secret every node shares (or env TETHER_CLUSTER_SECRET).
+    #[arg(long)]
+    cluster_secret: Option<String>,
+}
+
+fn cluster_config(
+    id: &str,
+    listen: &Option<SocketAddr>,
+    peers: &[String],
+    replication: &str,
+    backups: usize,
+    ack: &str,
+    secret: Option<String>,
+) -> anyhow::Result<tether_cluster::ClusterConfig> {
+    let listen = listen.context("--store cluster needs --cluster-listen HOST:PORT")?;
+    let secret = secret
+        .or_else(|| std::env::var("TETHER_CLUSTER_SECRET").ok())
+        .context("--store cluster needs --cluster-secret (or TETHER_CLUSTER_SECRET): nodes authenticate each other with it")?;
+    anyhow::ensure!(
+        secret.len() >= 8,
+        "--cluster-secret must be at least 8 characters"
+    );
+    let mut config = tether_cluster::ClusterConfig::new(id, listen, secret.into_bytes());
+    for p in peers {
+        let (_, addr) = p
+            .split_once('=')
+            .with_context(|| format!("--peer {p:?}: expected ID=HOST:PORT"))?;
+        config.seeds.push(addr.to_string());
+    }
+    config.replication = match replication {
+        "all" => tether_cluster::Replication::All,
+        "backup" => tether_cluster::Replication::Backup(backups),
+        other => anyhow::bail!("--replication {other:?}: use all or backup"),
+    };
+    config.ack = match ack {
+        "sync" => tether_cluster::Ack::Sync,
+        "async" => tether_cluster::Ack::Async,
+        other => anyhow::bail!("--ack {other:?}: use sync or async"),
+    };
+    Ok(config)
 }
 
 fn parse_wait(s: &str) -> Result<(u32, Duration), String> {
@@ -170,7 +226,7 @@ fn run() -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Node(args) => node(args).await,
+            Command::Node(args) => node(*args).await,
             Command::Demo(args) => demo(args).await,
             Command::Lb(args) => lb(*args).await,
             Command::JwtKeygen(args) => {
@@ -271,7 +327,20 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         redis_wait: args.redis_wait,
         jwt_key_file: args.jwt_key_file,
         jwt_revocation: args.jwt_revocation,
+        cluster: None,
     };
+    let mut config = config;
+    if config.store == StoreSpec::Cluster {
+        config.cluster = Some(cluster_config(
+            &config.id,
+            &args.cluster_listen,
+            &args.peers,
+            &args.replication,
+            args.backups,
+            &args.ack,
+            args.cluster_secret.clone(),
+        )?);
+    }
     anyhow::ensure!(
         config.store != StoreSpec::Jwt || config.jwt_key_file.is_some(),
         "--store jwt needs --jwt-key-file FILE (make one with `tether jwt-keygen > keys.toml`)"

@@ -38,6 +38,8 @@ pub enum StoreSpec {
     Redis(String),
     /// No server state: signed tokens (`--jwt-key-file`).
     Jwt,
+    /// Replicated among the nodes (`--cluster-listen`, `--peer`, …).
+    Cluster,
 }
 
 impl std::str::FromStr for StoreSpec {
@@ -46,6 +48,7 @@ impl std::str::FromStr for StoreSpec {
         match s {
             "memory" => Ok(Self::Memory),
             "jwt" => Ok(Self::Jwt),
+            "cluster" => Ok(Self::Cluster),
             url if url.starts_with("redis") => {
                 // Check the URL now so a typo fails at startup.
                 tether_redis::RedisStore::open(url).map_err(|e| e.to_string())?;
@@ -54,7 +57,7 @@ impl std::str::FromStr for StoreSpec {
             other => Err(format!(
                 "unknown store {other:?}: use memory, redis://HOST:PORT, \
                  redis+sentinel://HOST:PORT[,…]/MASTER, redis+cluster://HOST:PORT[,…] \
-                 or jwt (the replicated cluster store is not implemented yet)"
+                 cluster or jwt"
             )),
         }
     }
@@ -80,6 +83,8 @@ pub struct NodeConfig {
     /// JWT only: where revocations are kept (`memory` or a Redis URL); none
     /// means tokens stay valid until they expire.
     pub jwt_revocation: Option<StoreSpec>,
+    /// Cluster only: this node's replication settings.
+    pub cluster: Option<tether_cluster::ClusterConfig>,
 }
 
 impl NodeConfig {
@@ -94,6 +99,7 @@ impl NodeConfig {
             redis_wait: None,
             jwt_key_file: None,
             jwt_revocation: None,
+            cluster: None,
         }
     }
 }
@@ -106,6 +112,7 @@ pub struct Node {
     requests: Arc<AtomicU64>,
     memory: Option<Arc<MemoryStore>>,
     revocation: Option<tether_jwt::Revocation>,
+    cluster: Option<Arc<tether_cluster::ClusterStore>>,
 }
 
 impl Node {
@@ -136,7 +143,9 @@ fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, Ap
             }
             (Arc::new(store), None)
         }
-        StoreSpec::Jwt => return Err("jwt is not a store for server-side state".into()),
+        StoreSpec::Jwt | StoreSpec::Cluster => {
+            return Err("jwt and cluster are not usable as a revocation store".into())
+        }
     })
 }
 
@@ -145,14 +154,25 @@ fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, Ap
 /// # Errors
 /// If the store cannot be set up (a Redis URL the driver rejects, a
 /// missing or invalid JWT key file).
-pub fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
+pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
     let sessions = SessionConfig::default()
         .with_secure(config.cookie_secure)
         .with_idle_timeout(config.idle_timeout)
         .with_header("X-Auth-Token");
     let mut jwks = None;
     let mut revocation = None;
+    let mut cluster = None;
     let (layer, memory) = match &config.store {
+        StoreSpec::Cluster => {
+            let mut settings = config
+                .cluster
+                .clone()
+                .ok_or("--store cluster needs --cluster-listen")?;
+            settings.max_size = config.max_session_bytes;
+            let store = Arc::new(tether_cluster::ClusterStore::start(settings).await?);
+            cluster = Some(store.clone());
+            (SessionLayer::from_arc(store), None)
+        }
         StoreSpec::Jwt => {
             let path = config
                 .jwt_key_file
@@ -182,6 +202,7 @@ pub fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         requests: Arc::new(AtomicU64::new(0)),
         memory,
         revocation,
+        cluster,
     };
     let mut router = Router::new()
         .route("/", get(mypage))
@@ -194,6 +215,7 @@ pub fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         // Health and stats sit outside the session layer: probes carry no session.
         .route("/health", get(health))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(node.clone(), tag))
         .with_state(node.clone());
     if let Some(jwks) = jwks {
@@ -218,16 +240,24 @@ pub async fn serve(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let (router, node) = app(&config).map_err(std::io::Error::other)?;
+    let (router, node) = app(&config).await.map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let store = match &config.store {
         StoreSpec::Memory => "memory".to_string(),
         StoreSpec::Redis(url) => redact(url),
         StoreSpec::Jwt => "jwt".to_string(),
+        StoreSpec::Cluster => "cluster".to_string(),
     };
     tracing::info!(node = %config.id, %addr, %store, "node started");
     println!("tether node {} listening on http://{addr}", config.id);
+    if let Some(cluster) = &node.cluster {
+        println!(
+            "tether node {} replication listening on tcp://{}",
+            config.id,
+            cluster.addr()
+        );
+    }
     let draining = node.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -476,7 +506,9 @@ async fn logout_everywhere(
 }
 
 async fn health(State(node): State<Node>) -> Response {
-    if node.ready.load(Ordering::SeqCst) {
+    // A node that joined a cluster is not ready until it holds its share.
+    let cluster_ready = node.cluster.as_ref().is_none_or(|c| c.is_ready());
+    if node.ready.load(Ordering::SeqCst) && cluster_ready {
         Json(json!({ "status": "ready", "node": &*node.id })).into_response()
     } else {
         (
@@ -487,20 +519,110 @@ async fn health(State(node): State<Node>) -> Response {
     }
 }
 
+/// Prometheus text: requests, and for the cluster store its replication.
+async fn metrics(State(node): State<Node>) -> Response {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{node=\"{}\"}} {value}",
+            node.id
+        );
+    };
+    line(
+        "tether_node_requests_total",
+        "counter",
+        "Requests served.",
+        node.requests.load(Ordering::Relaxed) as f64,
+    );
+    if let Some(c) = &node.cluster {
+        let m = c.metrics();
+        let (owned, backups, bytes) = c.holdings();
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        line(
+            "tether_cluster_writes_total",
+            "counter",
+            "Writes applied by this node as owner.",
+            get(&m.writes),
+        );
+        line(
+            "tether_cluster_replication_messages_total",
+            "counter",
+            "Replication messages sent.",
+            get(&m.messages),
+        );
+        line(
+            "tether_cluster_replication_bytes_total",
+            "counter",
+            "Replication bytes sent.",
+            get(&m.bytes),
+        );
+        line(
+            "tether_cluster_ack_seconds_sum",
+            "counter",
+            "Time spent waiting for backups' acknowledgements.",
+            get(&m.ack_us) / 1e6,
+        );
+        line(
+            "tether_cluster_ack_seconds_count",
+            "counter",
+            "Acknowledgement waits.",
+            get(&m.acks),
+        );
+        line(
+            "tether_cluster_ack_failures_total",
+            "counter",
+            "Writes refused for want of acknowledgements.",
+            get(&m.ack_failures),
+        );
+        line(
+            "tether_cluster_sessions_owned",
+            "gauge",
+            "Sessions this node owns.",
+            owned as f64,
+        );
+        line(
+            "tether_cluster_sessions_backup",
+            "gauge",
+            "Sessions this node holds as a backup.",
+            backups as f64,
+        );
+        line(
+            "tether_cluster_session_bytes",
+            "gauge",
+            "Attribute bytes held.",
+            bytes as f64,
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
 async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
-    let (sessions, bytes) = node
-        .memory
-        .as_ref()
-        .map(|m| {
+    let (sessions, bytes) = match (&node.memory, &node.cluster) {
+        (Some(m), _) => {
             let s = m.stats();
-            (s.sessions, s.bytes)
-        })
-        .unwrap_or_default();
+            (Some(s.sessions), s.bytes)
+        }
+        (None, Some(c)) => {
+            let (owned, backups, bytes) = c.holdings();
+            (Some(owned + backups), bytes)
+        }
+        _ => (None, 0),
+    };
     Json(json!({
         "node": &*node.id,
         "requests": node.requests.load(Ordering::Relaxed),
-        // Known for the memory store; a shared store's count is not this node's.
-        "sessions": node.memory.as_ref().map(|_| sessions),
+        // Known for memory and cluster stores; a shared store's count is not this node's.
+        "sessions": sessions,
         "session_bytes": bytes,
+        "cluster_live": node.cluster.as_ref().map(|c| c.live_nodes()),
     }))
 }

@@ -206,7 +206,9 @@ async fn sigterm_drains_and_exits_cleanly() {
 
 #[tokio::test]
 async fn health_reports_not_ready() {
-    let (router, handle) = tether_cli::node::app(&tether_cli::node::NodeConfig::new("A")).unwrap();
+    let (router, handle) = tether_cli::node::app(&tether_cli::node::NodeConfig::new("A"))
+        .await
+        .unwrap();
     let server = TestServer::serve(router).await.unwrap();
     let client = Client::new();
     assert_eq!(

@@ -138,6 +138,9 @@ pub struct Metrics {
 struct View {
     ids: Vec<String>,
     addrs: HashMap<String, SocketAddr>,
+    /// Each member's generation: a restarted node is a new member even
+    /// when gossip has not yet declared its previous life dead.
+    generations: Vec<(String, u64)>,
 }
 
 struct Node {
@@ -255,6 +258,7 @@ impl ClusterStore {
             view: RwLock::new(View {
                 ids: vec![config.node_id.clone()],
                 addrs: HashMap::from([(config.node_id.clone(), listen)]),
+                generations: Vec::new(),
             }),
             config,
             replica: Mutex::new(Replica::default()),
@@ -703,6 +707,8 @@ async fn watch_membership(
                     .unwrap_or(id.gossip_advertise_addr);
                 view.addrs.insert(id.node_id.clone(), addr);
                 view.ids.push(id.node_id.clone());
+                view.generations
+                    .push((id.node_id.clone(), id.generation_id));
             }
             if !view.ids.contains(&node.config.node_id) {
                 view.ids.push(node.config.node_id.clone());
@@ -711,9 +717,13 @@ async fn watch_membership(
             }
             view.ids.sort();
             view.ids.dedup();
+            view.generations.sort();
             view
         };
-        let changed = read(&node.view).ids != view.ids;
+        let changed = {
+            let current = read(&node.view);
+            current.ids != view.ids || current.generations != view.generations
+        };
         if changed {
             tracing::info!(node = %node.config.node_id, live = ?view.ids, "membership changed");
             *node

@@ -9,8 +9,9 @@ use tokio::sync::mpsc;
 
 use crate::Result;
 
-/// The marker a server prints on stdout once it accepts connections.
-const LISTENING: &str = "listening on http://";
+/// The marker a server prints on stdout once it accepts connections,
+/// followed by `SCHEME://ADDR`.
+const LISTENING: &str = "listening on ";
 
 /// A server running as a child process.
 ///
@@ -118,6 +119,7 @@ impl Process {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.split(LISTENING).nth(1) {
+                    let rest = rest.split_once("://").map_or(rest, |(_, r)| r);
                     let addr = rest.split(['/', ' ']).next().unwrap_or_default();
                     if let Ok(addr) = addr.parse::<SocketAddr>() {
                         let _ = tx.send(addr);
