@@ -10,7 +10,7 @@
 //! 1. [`SessionStore::create`] inserts a [`Record`] if its [`SessionId`] is free
 //!    (a collision is reported, never overwritten).
 //! 2. [`SessionStore::load`] returns it while live, recording the access lazily
-//!    ([`Load::refresh_after`]).
+//!    ([`Load::refresh_fraction`]).
 //! 3. [`SessionStore::apply`] applies one request's [`Delta`] atomically: only
 //!    the attributes that request changed, so concurrent requests that change
 //!    different attributes never lose each other's writes.

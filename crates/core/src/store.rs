@@ -50,16 +50,19 @@ impl StoreError {
 }
 
 /// What a load should do about the lazy expiry refresh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Load {
     /// The caller's current time; a session expired at this time is not returned.
     pub now: Timestamp,
     /// Record the access (move `last_access` to `now`) when at least this much
-    /// time has passed since the recorded one; `None` never records it.
+    /// time has passed since the recorded one.
+    pub refresh_after: Option<Duration>,
+    /// Record the access once this fraction of the session's own inactivity
+    /// timeout has passed (a session given a shorter timeout refreshes sooner).
     ///
     /// Recording only after a fraction of the inactivity window keeps a
     /// read-only request from being a write most of the time.
-    pub refresh_after: Option<Duration>,
+    pub refresh_fraction: Option<f64>,
 }
 
 impl Load {
@@ -68,6 +71,7 @@ impl Load {
         Self {
             now,
             refresh_after: None,
+            refresh_fraction: None,
         }
     }
 
@@ -76,13 +80,36 @@ impl Load {
         Self {
             now,
             refresh_after: Some(after),
+            refresh_fraction: None,
+        }
+    }
+
+    /// A read at `now` that records the access once `fraction` of the
+    /// session's inactivity timeout has passed.
+    pub fn refreshing_fraction(now: Timestamp, fraction: f64) -> Self {
+        Self {
+            now,
+            refresh_after: None,
+            refresh_fraction: Some(fraction),
+        }
+    }
+
+    /// The threshold for `record`, in milliseconds (`None`: never refresh).
+    pub fn threshold_ms(&self, record_idle_ms: u64) -> Option<u64> {
+        let by_fraction = self
+            .refresh_fraction
+            .map(|f| (record_idle_ms as f64 * f) as u64);
+        let absolute = self.refresh_after.map(crate::millis);
+        match (absolute, by_fraction) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
     /// Whether `record` should have its access recorded by this load.
     pub fn should_refresh(&self, record: &Record) -> bool {
-        self.refresh_after
-            .is_some_and(|after| self.now.since(record.last_access) >= after)
+        self.threshold_ms(record.idle_ms)
+            .is_some_and(|t| self.now.since(record.last_access).as_millis() >= u128::from(t))
     }
 }
 

@@ -315,6 +315,39 @@ pub async fn lazy_refresh(store: &impl SessionStore) {
     assert_eq!(late.version, 1, "a refresh is not a delta");
 }
 
+/// The refresh threshold can be a fraction of the session's own inactivity
+/// timeout, so a session given a short timeout refreshes soon enough.
+pub async fn lazy_refresh_by_fraction(store: &impl SessionStore) {
+    let t0 = Timestamp::now();
+    let expiry = Expiry {
+        idle: Duration::from_secs(60),
+        absolute: None,
+    };
+    let r = record_expiring(t0, expiry, &[("a", "1")]);
+    store.create(&r).await.unwrap();
+    let at = |s: u64| t0.plus(Duration::from_secs(s));
+    let early = store
+        .load(&r.id, Load::refreshing_fraction(at(10), 0.25))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(early.last_access, t0, "10 s is under a quarter of 60 s");
+    let late = store
+        .load(&r.id, Load::refreshing_fraction(at(16), 0.25))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.last_access, at(16));
+    // Kept alive by reads every 16 s well past the first 60 s.
+    for s in [32, 48, 64, 80] {
+        assert!(store
+            .load(&r.id, Load::refreshing_fraction(at(s), 0.25))
+            .await
+            .unwrap()
+            .is_some());
+    }
+}
+
 /// A delta can change this session's inactivity timeout.
 pub async fn idle_change(store: &impl SessionStore) {
     let t0 = Timestamp::now();
@@ -450,7 +483,7 @@ macro_rules! store_conformance {
             create_then_load, load_missing_is_none, create_collision,
             apply_sets_and_removes, apply_clear, apply_missing_does_not_resurrect,
             delete_removes, rotate_moves_session, rotate_missing_and_collision,
-            sliding_expiry, absolute_expiry, lazy_refresh, idle_change,
+            sliding_expiry, absolute_expiry, lazy_refresh, lazy_refresh_by_fraction, idle_change,
             oversized_refused_without_damage, values_round_trip);
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

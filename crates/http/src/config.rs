@@ -234,10 +234,6 @@ impl SessionConfig {
         self.expiry
     }
 
-    pub(crate) fn refresh_after(&self) -> Duration {
-        self.expiry.idle.mul_f64(self.refresh_fraction)
-    }
-
     /// The `Set-Cookie` value that hands `id` to the client.
     pub(crate) fn set_cookie(&self, id: &str) -> String {
         let mut c = format!("{}={}", self.cookie_name, id);

@@ -168,7 +168,8 @@ impl Session {
                 let Some(id) = self.inner.incoming else {
                     return Ok(None);
                 };
-                let load = Load::refreshing(self.inner.now, self.inner.config.refresh_after());
+                let load =
+                    Load::refreshing_fraction(self.inner.now, self.inner.config.refresh_fraction);
                 self.inner
                     .loaded
                     .get_or_try_init(|| store.load(&id, load))
@@ -524,7 +525,8 @@ impl Session {
             None if has_sets => return self.issue(jwt, self.project(None, &delta, next_id)),
             None => return Ok(Outcome::Nothing),
         };
-        let refresh = now.since(record.last_access) >= self.inner.config.refresh_after();
+        let refresh = Load::refreshing_fraction(now, self.inner.config.refresh_fraction)
+            .should_refresh(&record);
         if !rotate && delta.is_empty() && !refresh {
             return Ok(Outcome::Nothing);
         }

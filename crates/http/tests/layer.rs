@@ -89,6 +89,13 @@ async fn cart(session: Session, item: String) -> Result<String, SessionError> {
     Ok(n.to_string())
 }
 
+async fn short(session: Session) -> Result<&'static str, SessionError> {
+    session.cycle_id().await?;
+    session.insert("loginMember", 7u64).await?;
+    session.set_idle_timeout(Duration::from_secs(300));
+    Ok("ok")
+}
+
 async fn logout(session: Session) -> Result<&'static str, SessionError> {
     session.destroy().await?;
     Ok("bye")
@@ -116,6 +123,7 @@ fn app_with(config: SessionConfig) -> App {
         .route("/set", post(set))
         .route("/cart", post(cart))
         .route("/logout", post(logout))
+        .route("/short", post(short))
         .route("/boom", post(boom))
         .route("/logout-boom", post(logout_then_boom))
         .route("/plain", get(|| async { "no session here" }))
@@ -543,4 +551,17 @@ async fn the_extractor_without_the_layer_is_a_clear_500() {
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("without SessionLayer"));
+}
+
+/// Regression: the refresh threshold came from the configured timeout
+/// (1800 s × 0.25), so a session given 300 s died while read every minute.
+#[tokio::test]
+async fn a_shorter_per_session_timeout_is_kept_alive_by_reads() {
+    let app = app();
+    let id = app.send("POST", "/short", &[], "").await.issued().unwrap();
+    for minute in 1..=10 {
+        app.advance(Duration::from_secs(60));
+        let r = app.with_cookie("GET", "/mypage", id, "").await;
+        assert_eq!(r.status, StatusCode::OK, "logged out at minute {minute}");
+    }
 }

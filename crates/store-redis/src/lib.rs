@@ -514,6 +514,7 @@ impl SessionStore for RedisStore {
         let refresh = load
             .refresh_after
             .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let fraction = load.refresh_fraction.unwrap_or(-1.0);
         // A load is safe to repeat, so one reconnect-and-retry hides a
         // connection that died while idle (Redis restarted, failover).
         let mut tries = 0;
@@ -521,7 +522,7 @@ impl SessionStore for RedisStore {
             tries += 1;
             let mut live = self.live().await?;
             let mut inv = self.load.key(self.key(id));
-            inv.arg(load.now.0).arg(refresh);
+            inv.arg(load.now.0).arg(refresh).arg(fraction);
             match inv.invoke_async::<Value>(&mut live).await {
                 Ok(Value::Nil) => return Ok(None),
                 Ok(Value::Array(items)) => return parse_record(*id, items).map(Some),

@@ -90,7 +90,8 @@ local function tether_apply(key, a, i)
 end
 ";
 
-/// KEYS[1] session; ARGV: now, refresh_after (-1 never).
+/// KEYS[1] session; ARGV: now, refresh_after ms (-1: none), refresh fraction
+/// of the session's own idle timeout (-1: none).
 /// Returns the hash as a flat array, or false.
 pub(crate) fn load() -> String {
     format!(
@@ -99,6 +100,7 @@ pub(crate) fn load() -> String {
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
 local refresh_after = tonumber(ARGV[2])
+local fraction = tonumber(ARGV[3])
 local h = redis.call('HGETALL', key)
 if #h == 0 then return false end
 local last, idle, deadline
@@ -114,7 +116,12 @@ if now >= expires then
   redis.call('DEL', key)
   return false
 end
-if refresh_after >= 0 and now - last >= refresh_after then
+local threshold = refresh_after
+if fraction >= 0 then
+  local t = idle * fraction
+  if threshold < 0 or t < threshold then threshold = t end
+end
+if threshold >= 0 and now - last >= threshold then
   redis.call('HSET', key, 'meta:last', ARGV[1])
   local ttl = tether_expires(now, idle, deadline) - now
   if ttl < 1 then ttl = 1 end
