@@ -84,6 +84,8 @@ pub(crate) enum Outcome {
     IssueToken(String),
     /// Tell the client to forget its ID.
     Remove,
+    /// The session disappeared before this request's writes could be saved.
+    Gone,
 }
 
 impl std::fmt::Debug for Session {
@@ -498,6 +500,12 @@ impl Session {
                 state.next_id,
             )
         };
+        if self.inner.loaded.get().is_none() && (!delta.is_empty() || rotate || destroyed) {
+            // A handler that only set the idle timeout never read the token.
+            if let Err(SessionError::Store(e)) = self.record().await {
+                return Err(e);
+            }
+        }
         let current = self.inner.loaded.get().cloned().flatten();
         let revoke_current = |why: &'static str| async move {
             if let (Some(revocation), Some(verified)) = (&jwt.revocation, self.inner.verified.get())
@@ -534,6 +542,9 @@ impl Session {
             // The pre-login token stays valid until it expires unless revoked.
             revoke_current("rotation").await?;
             record.id = next_id.unwrap_or_else(SessionId::random);
+            // "Log out everywhere" revokes sessions created before it; a
+            // login after it must not inherit an older creation time.
+            record.created = now;
         }
         if delta.is_empty() {
             record.last_access = record.last_access.max(now);
@@ -613,9 +624,11 @@ impl Session {
             }
             Some(id) if !delta.is_empty() => match store.apply(&id, &delta, now).await? {
                 Some(_) => Ok(self.slide(id)),
-                // Expired or deleted meanwhile: never resurrect a client-supplied
-                // ID; start a fresh session holding this request's writes.
-                None => self.create(&delta, next_id).await,
+                // Gone meanwhile: expired, logged out, or rotated by a
+                // concurrent login. A client-supplied ID is never brought
+                // back, and a fresh session's cookie could overwrite the one
+                // the concurrent login just issued: save nothing, say so.
+                None => Ok(Outcome::Gone),
             },
             Some(id) => {
                 let refreshed = self

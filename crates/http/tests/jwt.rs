@@ -428,3 +428,66 @@ async fn tokens_slide_on_use_and_stop_at_the_absolute_lifetime() {
     let dl = payload(&token)["dl"].as_u64().unwrap();
     assert!(payload(&token)["exp"].as_u64().unwrap() * 1000 <= dl + 999);
 }
+
+impl App {
+    async fn send_bearer(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &str,
+    ) -> (StatusCode, Option<String>) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let token = res
+            .headers()
+            .get("x-auth-token")
+            .map(|v| v.to_str().unwrap().to_string());
+        (res.status(), token)
+    }
+}
+
+/// Regression (found in review): with bearer tokens and no response header
+/// configured, a reissued token was dropped.
+#[tokio::test]
+async fn a_bearer_client_gets_its_reissued_token_back() {
+    let app = app(&hs_keys("k1", &[("k1", SECRET_1, false)]), false);
+    let token = app.login(7).await;
+    let (status, reissued) = app.send_bearer("POST", "/set", &token, "dark").await;
+    assert_eq!(status, StatusCode::OK);
+    let reissued = reissued.expect("the new token in X-Auth-Token");
+    assert_eq!(payload(&reissued)["attrs"]["blob"], "dark");
+    assert_eq!(
+        app.send_bearer("GET", "/mypage", &reissued, "").await.0,
+        StatusCode::OK
+    );
+}
+
+/// Regression (found in review): a login from an anonymous token older than
+/// a "log out everywhere" inherited the old creation time and was revoked.
+#[tokio::test]
+async fn a_login_after_log_out_everywhere_is_not_revoked() {
+    let app = app(&hs_keys("k1", &[("k1", SECRET_1, false)]), true);
+    let anonymous = app.send("POST", "/set", None, "x").await.token.unwrap();
+    app.advance(Duration::from_secs(5));
+    let now = Timestamp(app.clock.load(Ordering::SeqCst));
+    app.revocation
+        .as_ref()
+        .unwrap()
+        .revoke_subject("7", now)
+        .await
+        .unwrap();
+    app.advance(Duration::from_secs(5));
+    let logged_in = app
+        .send("POST", "/login", Some(&anonymous), "7")
+        .await
+        .token
+        .unwrap();
+    let r = app.send("GET", "/mypage", Some(&logged_in), "").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}

@@ -298,11 +298,37 @@ async fn an_unknown_id_is_no_session_and_is_never_adopted() {
     let forged = SessionId::random();
     let r = app.with_cookie("GET", "/mypage", forged, "").await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    // Writing with a forged ID creates a session under a fresh ID instead.
+    // A blind write with an unknown ID saves nothing and says so; no cookie
+    // changes (it could overwrite one a concurrent login just issued).
     let r = app.with_cookie("POST", "/set", forged, "k=v").await;
-    let issued = r.issued().expect("a fresh session");
-    assert_ne!(issued, forged);
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.set_cookies().is_empty());
     assert!(app.stored(&forged).await.is_none());
+}
+
+/// Regression (found in review): a write racing a login's rotation used to
+/// create a fresh session whose cookie could replace the rotated one.
+#[tokio::test]
+async fn a_write_racing_a_rotation_does_not_replace_the_new_cookie() {
+    let app = app();
+    let old = app.login().await;
+    // A second login rotates the ID…
+    let new = app
+        .with_cookie("POST", "/login", old, "7")
+        .await
+        .issued()
+        .unwrap();
+    // …while a request sent earlier with the old ID writes blindly.
+    let late = app.with_cookie("POST", "/set", old, "cart=book").await;
+    assert_eq!(late.status, StatusCode::CONFLICT);
+    assert!(
+        late.set_cookies().is_empty(),
+        "the late write issued a cookie"
+    );
+    assert_eq!(
+        app.with_cookie("GET", "/mypage", new, "").await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

@@ -32,6 +32,9 @@ impl std::fmt::Debug for Revocation {
     }
 }
 
+/// How much longer than a token a deny entry lives: more than any leeway.
+const MARGIN_MS: u64 = 10 * 60 * 1000;
+
 fn derived(kind: &str, value: &str) -> SessionId {
     // Hashed, so a deny entry can never collide with a live session's ID in
     // a store the two share.
@@ -91,6 +94,9 @@ impl Revocation {
             Some(sub) => {
                 let mut delta = Delta::default();
                 delta.set(format!("jti:{jti}"), raw(token.expires.0.to_string()));
+                // The entry must outlive the token it revokes.
+                let needed = token.expires.0.saturating_sub(now.0) + MARGIN_MS;
+                delta.idle_ms = Some(needed.max(tether_core::millis(self.lifetime)));
                 match self.upsert(&derived("sub", sub), &delta, now).await {
                     // Too many revoked tokens for one user: revoking all
                     // of them is the safe answer.
@@ -99,7 +105,7 @@ impl Revocation {
                 }
             }
             None => {
-                let until = token.expires.0.saturating_sub(now.0) + 60_000;
+                let until = token.expires.0.saturating_sub(now.0) + MARGIN_MS;
                 let expiry = Expiry {
                     idle: Duration::from_millis(until),
                     absolute: None,
@@ -139,8 +145,9 @@ impl Revocation {
             if self.store.apply(id, delta, now).await?.is_some() {
                 return Ok(());
             }
+            let idle = delta.idle_ms.map_or(self.lifetime, Duration::from_millis);
             let expiry = Expiry {
-                idle: self.lifetime,
+                idle: idle + Duration::from_millis(MARGIN_MS),
                 absolute: None,
             };
             let mut entry = Record::new(*id, now, expiry);

@@ -113,7 +113,7 @@ fn incoming_token(headers: &HeaderMap, config: &SessionConfig) -> (Option<String
 
 fn apply_outcome(headers: &mut HeaderMap, outcome: &Outcome, via: Via, config: &SessionConfig) {
     let (cookie, token) = match outcome {
-        Outcome::Nothing => return,
+        Outcome::Nothing | Outcome::Gone => return,
         Outcome::Issue(id) => {
             let id = id.encode();
             (config.set_cookie(id.as_str()), id.as_str().to_string())
@@ -125,17 +125,29 @@ fn apply_outcome(headers: &mut HeaderMap, outcome: &Outcome, via: Via, config: &
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             headers.append(header::SET_COOKIE, v);
         }
-        // A shared cache must never replay one user's session cookie to another.
-        if !headers.contains_key(header::CACHE_CONTROL) {
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
-        }
     }
-    if let Some(name) = &config.header {
+    // A client that sent its ID in a header gets the new one in a header,
+    // even when only bearer tokens were configured.
+    let name = match (&config.header, via) {
+        (Some(name), _) => Some(name.clone()),
+        (None, Via::Header) => Some(http::HeaderName::from_static("x-auth-token")),
+        (None, _) => None,
+    };
+    if let Some(name) = name {
         if via != Via::Cookie {
             if let Ok(v) = HeaderValue::from_str(&token) {
-                headers.insert(name.clone(), v);
+                headers.insert(name, v);
             }
         }
+    }
+    // A shared cache must never replay one user's session credential to
+    // another, whatever caching the handler asked for.
+    let shared = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.contains("public") || v.contains("s-maxage"));
+    if shared {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     }
 }
 
@@ -193,6 +205,12 @@ where
                 return Ok(response);
             }
             match session.save().await {
+                Ok(Outcome::Gone) => Ok(error_response(
+                    StatusCode::CONFLICT,
+                    "session ended or was replaced by a concurrent request (logout, login, expiry); \
+                     nothing was saved\n"
+                        .to_string(),
+                )),
                 Ok(outcome) => {
                     let mut response = response;
                     apply_outcome(response.headers_mut(), &outcome, via, &config);
