@@ -316,6 +316,23 @@ async fn forward(
             shared.totals.retries.fetch_add(1, Ordering::Relaxed);
         }
         let member = &g.pool.members[i];
+        let pool = member.stats.conns.clone();
+        member.stats.requests.fetch_add(1, Ordering::Relaxed);
+        // Connect before handing over the body: a backend that cannot be
+        // reached has received nothing, so even a streamed body can go to
+        // the next one.
+        let mut conn = match pool.checkout(member.addr, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                shared.record_failure(g, i);
+                member.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
+                last = Failure::Connect;
+                fresh_retry = false;
+                k += 1;
+                continue;
+            }
+        };
         let body = match (&buffered, streamed.take()) {
             (Some(bytes), _) => Either::Left(Full::new(bytes.clone())),
             (None, Some(stream)) => Either::Right(stream),
@@ -340,7 +357,6 @@ async fn forward(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers.clone();
-        member.stats.requests.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight::new(&member.stats);
         let sent = Instant::now();
         let wait = per_try.min(if k == 0 {
@@ -348,18 +364,10 @@ async fn forward(
         } else {
             remaining.max(Duration::from_millis(1))
         });
-        let pool = member.stats.conns.clone();
-        let outcome = async {
-            let mut conn = pool
-                .checkout(member.addr, connect_timeout)
-                .await
-                .map_err(Err)?;
-            match upstream::send(&mut conn, up, wait).await {
-                Ok(res) => Ok((res, conn)),
-                Err(e) => Err(Ok((e, conn.reused()))),
-            }
-        }
-        .await;
+        let outcome = match upstream::send(&mut conn, up, wait).await {
+            Ok(res) => Ok((res, conn)),
+            Err(e) => Err((e, conn.reused())),
+        };
         let retry_fresh = |e: &upstream::SendError, reused: bool| {
             // The backend closed a kept-alive connection as we reused it: the
             // request never reached the application, so try a new connection.
@@ -413,18 +421,12 @@ async fn forward(
                 };
                 return Response::from_parts(rparts, Either::Left(body));
             }
-            Err(Ok((e, reused))) if !fresh_retry && retry_fresh(&e, reused) => {
+            Err((e, reused)) if !fresh_retry && retry_fresh(&e, reused) => {
                 tracing::debug!(backend = %member.id, error = %e, "kept-alive connection was closed; retrying on a new one");
                 fresh_retry = true;
                 continue;
             }
-            Err(Err(e)) => {
-                shared.record_failure(g, i);
-                member.stats.errors.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
-                last = Failure::Connect;
-            }
-            Err(Ok((upstream::SendError::Http(e), _))) => {
+            Err((upstream::SendError::Http(e), _)) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %member.id, error = %e, "backend failed before response headers");
@@ -433,7 +435,7 @@ async fn forward(
                     break;
                 }
             }
-            Err(Ok((upstream::SendError::Timeout, _))) => {
+            Err((upstream::SendError::Timeout, _)) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %member.id, timeout = ?wait, "backend timed out");

@@ -627,3 +627,29 @@ async fn slow_and_oversized_request_heads_are_cut_off() {
         .unwrap();
     assert_eq!(r.status, 200);
 }
+
+/// Regression (found in review): a streamed (chunked) body was moved into the
+/// request before connecting, so a dead backend turned failover into a 502.
+#[tokio::test]
+async fn a_streamed_body_fails_over_when_the_first_backend_is_dead() {
+    let live = node("A").await;
+    let dead: SocketAddr = format!("127.0.0.1:{}", tether_testkit::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let mut args = lb_args("round-robin", &[("DEAD", dead), ("A", live.addr())]);
+    args.extend(["--health-path".into(), String::new()]);
+    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+        let body = "{\"item\":\"book\"}";
+        let req = format!(
+            "POST /cart HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply).await.unwrap();
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+}
