@@ -61,6 +61,12 @@ impl ConnectionLike for Live {
 pub(crate) struct Connector {
     source: Source,
     current: Mutex<Option<Live>>,
+    /// A second connection for writes followed by `WAIT`, which blocks the
+    /// connection it is sent on: other requests must not queue behind it.
+    waited: Mutex<Option<Live>>,
+    /// When the last connection attempt failed: for a short while after,
+    /// callers fail at once instead of queueing for their own attempt.
+    failed_at: std::sync::Mutex<Option<std::time::Instant>>,
     connect_timeout: Duration,
     response_timeout_ms: std::sync::atomic::AtomicU64,
 }
@@ -74,6 +80,8 @@ impl Connector {
         Arc::new(Self {
             source,
             current: Mutex::new(None),
+            waited: Mutex::new(None),
+            failed_at: std::sync::Mutex::new(None),
             connect_timeout,
             response_timeout_ms: std::sync::atomic::AtomicU64::new(
                 u64::try_from(response_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -102,9 +110,29 @@ impl Connector {
 
     /// The shared connection, connecting if needed.
     pub(crate) async fn get(&self) -> Result<Live, RedisError> {
-        let mut current = self.current.lock().await;
+        self.get_slot(&self.current).await
+    }
+
+    /// The connection for writes that are followed by `WAIT`.
+    pub(crate) async fn get_waited(&self) -> Result<Live, RedisError> {
+        self.get_slot(&self.waited).await
+    }
+
+    async fn get_slot(&self, slot: &Mutex<Option<Live>>) -> Result<Live, RedisError> {
+        let mut current = slot.lock().await;
         if let Some(live) = current.as_ref() {
             return Ok(live.clone());
+        }
+        let recently_failed = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(500));
+        if recently_failed {
+            return Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "Redis unreachable (reconnecting)",
+            )));
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
@@ -162,13 +190,14 @@ impl Connector {
     /// (or the node's role) is no longer good.
     pub(crate) async fn on_error(&self, error: &RedisError) {
         if must_reconnect(error) && !self.is_cluster() {
-            *self.current.lock().await = None;
+            self.reset().await;
         }
     }
 
-    /// Drops the shared connection (Sentinel announced a new master).
+    /// Drops the connections (Sentinel announced a new master).
     pub(crate) async fn reset(&self) {
         *self.current.lock().await = None;
+        *self.waited.lock().await = None;
     }
 }
 

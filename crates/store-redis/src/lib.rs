@@ -273,14 +273,26 @@ impl RedisStore {
         classify(e)
     }
 
-    async fn wait_for_replicas(&self, id: &SessionId) -> Result<(), StoreError> {
+    /// The connection for a login write: the dedicated one when `WAIT`
+    /// follows (it must be the connection that made the write).
+    async fn live_for_login(&self) -> Result<Live, StoreError> {
+        if self.wait.is_none() {
+            return self.live().await;
+        }
+        self.conn
+            .get_waited()
+            .await
+            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+    }
+
+    async fn wait_for_replicas(&self, live: Live, id: &SessionId) -> Result<(), StoreError> {
         let Some((n, timeout)) = self.wait else {
             return Ok(());
         };
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(n)
             .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        let got: Result<i64, RedisError> = match self.live().await? {
+        let got: Result<i64, RedisError> = match live {
             Live::Node(mut c) => cmd.query_async(&mut c).await,
             Live::Cluster(mut c) => {
                 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
@@ -383,11 +395,20 @@ fn sentinel_watch(url: &str, conn: &Arc<Connector>) -> Option<tokio::task::JoinH
 }
 
 fn classify(e: RedisError) -> StoreError {
-    let ours = e.to_string().contains("tether:");
-    if ours || e.code() == Some("WRONGTYPE") {
-        StoreError::Corrupt(Box::new(e))
-    } else {
+    // Unreachable, busy or failing over: retry later (503). Anything else the
+    // server refused (a script error, a key of the wrong type) will not pass
+    // by retrying: report it as such (500) instead of "try again".
+    let transient = conn::must_reconnect(&e)
+        || e.is_timeout()
+        || e.is_cluster_error()
+        || matches!(
+            e.code(),
+            Some("CLUSTERDOWN" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "LOADING" | "READONLY")
+        );
+    if transient {
         StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Corrupt(Box::new(e))
     }
 }
 
@@ -499,7 +520,7 @@ impl SessionStore for RedisStore {
         for (k, v) in &record.attributes {
             inv.arg(format!("attr:{k}")).arg(v.get());
         }
-        let mut live = self.live().await?;
+        let mut live = self.live_for_login().await?;
         let created: i64 = match inv.invoke_async(&mut live).await {
             Ok(n) => n,
             Err(e) => return Err(self.fail(e).await),
@@ -507,7 +528,7 @@ impl SessionStore for RedisStore {
         if created == 0 {
             return Err(StoreError::Collision);
         }
-        self.wait_for_replicas(&record.id).await
+        self.wait_for_replicas(live, &record.id).await
     }
 
     async fn load(&self, id: &SessionId, load: Load) -> Result<Option<Record>, StoreError> {
@@ -593,13 +614,13 @@ impl SessionStore for RedisStore {
         let mut inv = self.rotate.key(self.key(old));
         inv.key(self.key(new));
         self.delta_args(&mut inv, delta, now);
-        let mut live = self.live().await?;
+        let mut live = self.live_for_login().await?;
         let version = match inv.invoke_async::<Value>(&mut live).await {
             Ok(v) => applied(v).map_err(|e| self.with_limit(e))?,
             Err(e) => return Err(self.fail(e).await),
         };
         if version.is_some() {
-            self.wait_for_replicas(new).await?;
+            self.wait_for_replicas(live, new).await?;
         }
         Ok(version)
     }

@@ -17,6 +17,15 @@ local function tether_expires(last, idle, deadline)
   if deadline > 0 and deadline < e then e = deadline end
   return e
 end
+-- Lua's unpack has a limit of a few thousand values: write in chunks.
+local function tether_chunked(cmd, key, list, from)
+  local i = from or 1
+  while i <= #list do
+    local last = math.min(i + 199, #list)
+    redis.call(cmd, key, unpack(list, i, last))
+    i = last + 1
+  end
+end
 ";
 
 /// Shared Lua: apply a delta. ARGV from index `i`: now, limit, clear,
@@ -71,8 +80,8 @@ local function tether_apply(key, a, i)
       if string.sub(f, 1, 5) == 'attr:' then redis.call('HDEL', key, f) end
     end
   end
-  if #rems > 0 then redis.call('HDEL', key, unpack(rems)) end
-  if #sets > 0 then redis.call('HSET', key, unpack(sets)) end
+  tether_chunked('HDEL', key, rems)
+  tether_chunked('HSET', key, sets)
   if new_idle >= 0 then
     idle = new_idle
     redis.call('HSET', key, 'meta:idle', a[i + 3])
@@ -148,7 +157,7 @@ if m[1] then
   if now < tether_expires(tonumber(m[1]), tonumber(m[2]), tonumber(m[3])) then return 0 end
   redis.call('DEL', key)
 end
-redis.call('HSET', key, unpack(ARGV, 3))
+tether_chunked('HSET', key, ARGV, 3)
 redis.call('PEXPIRE', key, ARGV[2])
 return 1
 "

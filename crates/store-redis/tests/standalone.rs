@@ -286,3 +286,23 @@ async fn concurrent_requests_on_different_attributes_both_survive_in_redis() {
     assert_eq!(back.version, 11);
     let _ = SessionId::random();
 }
+
+/// Regression (found in review): Lua's `unpack` limit made sessions with a
+/// few thousand attributes fail for good, reported as "try again later".
+#[tokio::test]
+async fn thousands_of_attributes_fit_one_script_call() {
+    let (store, _server) = fixture().await;
+    let now = Timestamp::now();
+    let names: Vec<String> = (0..4100).map(|i| format!("a{i}")).collect();
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    let r = record_with(now, &pairs);
+    store.create(&r).await.unwrap();
+    let mut d = tether_core::Delta::default();
+    for n in &names {
+        d.set(n.as_str(), tether_core::testing::json("2"));
+    }
+    assert_eq!(store.apply(&r.id, &d, now).await.unwrap(), Some(2));
+    let back = store.load(&r.id, Load::at(now)).await.unwrap().unwrap();
+    assert_eq!(back.attributes.len(), 4100);
+    assert!(back.attributes.values().all(|v| v.get() == "2"));
+}
