@@ -284,6 +284,11 @@ impl ClusterStore {
         })
     }
 
+    /// This node's name.
+    pub fn node_id(&self) -> &str {
+        &self.node.config.node_id
+    }
+
     /// This node's replication (and gossip) address.
     pub fn addr(&self) -> SocketAddr {
         self.node.config.listen
@@ -427,36 +432,24 @@ impl Node {
         let node = self.clone();
         let work = async move {
             let started = Instant::now();
-            let mut acked = 0;
-            for target in candidates {
-                if acked == wanted {
+            // The first `wanted` candidates in parallel (so all-to-all
+            // latency does not grow with N), then the next ones in turn for
+            // any that failed.
+            let (first, rest) = candidates.split_at(wanted.min(candidates.len()));
+            let sends = first
+                .iter()
+                .map(|t| node.send_replica(t, &req, &repair, size));
+            let mut acked = futures_util::future::join_all(sends)
+                .await
+                .into_iter()
+                .filter(|ok| *ok)
+                .count();
+            for target in rest {
+                if acked >= wanted {
                     break;
                 }
-                node.metrics.messages.fetch_add(1, Ordering::Relaxed);
-                node.metrics.bytes.fetch_add(size, Ordering::Relaxed);
-                match node
-                    .call(&target, req.clone(), node.config.ack_timeout)
-                    .await
-                {
-                    Ok(Response::Ok) => acked += 1,
-                    Ok(Response::NeedFull) => {
-                        let Some(full) = repair.clone() else { continue };
-                        let bytes = serde_json::to_vec(&Request::Put(full.clone()))
-                            .map(|v| v.len())
-                            .unwrap_or(0) as u64;
-                        node.metrics.messages.fetch_add(1, Ordering::Relaxed);
-                        node.metrics.bytes.fetch_add(bytes, Ordering::Relaxed);
-                        if let Ok(Response::Ok) = node
-                            .call(&target, Request::Put(full), node.config.ack_timeout)
-                            .await
-                        {
-                            acked += 1;
-                        }
-                    }
-                    Ok(other) => tracing::warn!(%target, ?other, "unexpected replication answer"),
-                    Err(e) => {
-                        tracing::debug!(%target, error = %e, "backup unreachable; trying the next node")
-                    }
+                if node.send_replica(target, &req, &repair, size).await {
+                    acked += 1;
                 }
             }
             node.metrics
@@ -480,6 +473,46 @@ impl Node {
                     )));
                 }
                 Ok(())
+            }
+        }
+    }
+
+    /// Sends one replication message; a backup that reports a gap gets the
+    /// full record. Returns whether the backup acknowledged.
+    async fn send_replica(
+        &self,
+        target: &str,
+        req: &Request,
+        repair: &Option<Record>,
+        size: u64,
+    ) -> bool {
+        self.metrics.messages.fetch_add(1, Ordering::Relaxed);
+        self.metrics.bytes.fetch_add(size, Ordering::Relaxed);
+        match self
+            .call(target, req.clone(), self.config.ack_timeout)
+            .await
+        {
+            Ok(Response::Ok) => true,
+            Ok(Response::NeedFull) => {
+                let Some(full) = repair.clone() else {
+                    return false;
+                };
+                let put = Request::Put(full);
+                let bytes = serde_json::to_vec(&put).map(|v| v.len()).unwrap_or(0) as u64;
+                self.metrics.messages.fetch_add(1, Ordering::Relaxed);
+                self.metrics.bytes.fetch_add(bytes, Ordering::Relaxed);
+                matches!(
+                    self.call(target, put, self.config.ack_timeout).await,
+                    Ok(Response::Ok)
+                )
+            }
+            Ok(other) => {
+                tracing::warn!(%target, ?other, "unexpected replication answer");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "backup unreachable; trying the next node");
+                false
             }
         }
     }
