@@ -28,6 +28,20 @@
 //! it is done; a node reports ready ([`ClusterStore::is_ready`]) once every
 //! live peer has.
 //!
+//! # Anti-entropy
+//! Every 5 s each owner compares, with every peer, per-segment digests (64
+//! segments) of the versions of the sessions the peer should back up, and
+//! re-sends the sessions of segments that differ: a backup that missed a
+//! delta (a dropped connection, an async write, a healed partition) is
+//! repaired without anyone noticing. A delta that finds a version gap is
+//! answered with a request for the full record.
+//!
+//! # Partitions
+//! There is no quorum: during a partition each side acts as owner for the
+//! sessions whose owner it cannot reach, and after healing the higher
+//! version wins, so writes made on the losing side of a session can be
+//! lost. Sticky routing through the `owner` policy keeps a user on one side.
+//!
 //! # Wire
 //! TCP, length-delimited JSON frames with a version, at most 1 MiB, after a
 //! mutual HMAC-SHA256 handshake on the cluster secret. The gossip's cluster
@@ -97,6 +111,8 @@ pub struct ClusterConfig {
     pub gossip_interval: Duration,
     /// Largest session accepted.
     pub max_size: usize,
+    /// Between anti-entropy passes.
+    pub anti_entropy_interval: Duration,
 }
 
 impl ClusterConfig {
@@ -112,6 +128,7 @@ impl ClusterConfig {
             ack_timeout: Duration::from_secs(2),
             gossip_interval: Duration::from_millis(100),
             max_size: DEFAULT_MAX_SIZE,
+            anti_entropy_interval: Duration::from_secs(5),
         }
     }
 }
@@ -275,6 +292,14 @@ impl ClusterStore {
             loop {
                 tokio::time::sleep(Duration::from_secs(10)).await;
                 lock(&sweeper.replica).sweep(Timestamp::now());
+            }
+        }));
+        let repairer = node.clone();
+        let every = node.config.anti_entropy_interval;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                repairer.clone().anti_entropy().await;
             }
         }));
         Ok(Self {
@@ -653,6 +678,18 @@ impl Node {
                 Response::Ok
             }
             Request::Synced => Response::Ok,
+            Request::Digest { owner, segments } => {
+                let me = self.me().to_string();
+                let mine = lock(&self.replica).digests(Timestamp::now(), |id| {
+                    let set = self.replica_set(id);
+                    set.first() == Some(&owner) && set.contains(&me)
+                });
+                let differ = (0..mine.len())
+                    .filter(|i| segments.get(*i) != Some(&mine[*i]))
+                    .map(|i| i as u8)
+                    .collect();
+                Response::Mismatch(differ)
+            }
             Request::Create(r) => outcome(self.owner_create(r).await.map(|()| Response::Ok)),
             Request::Load(id, load) => Response::Record(self.owner_load(id, load).await),
             Request::Apply(id, delta, now) => outcome(
@@ -661,6 +698,47 @@ impl Node {
                     .map(Response::Version),
             ),
             Request::Delete(id) => outcome(self.owner_delete(id).await.map(Response::Deleted)),
+        }
+    }
+
+    /// One anti-entropy pass: for every peer, compare digests of the
+    /// sessions this node owns and the peer should hold; re-send the
+    /// sessions of segments that differ (a backup that missed a delta, a
+    /// dropped connection, a partition that healed).
+    async fn anti_entropy(self: Arc<Self>) {
+        let peers: Vec<String> = read(&self.view)
+            .ids
+            .iter()
+            .filter(|n| *n != self.me())
+            .cloned()
+            .collect();
+        let me = self.me().to_string();
+        for peer in peers {
+            let select = |id: &SessionId| {
+                let set = self.replica_set(id);
+                set.first() == Some(&me) && set.contains(&peer)
+            };
+            let segments = lock(&self.replica).digests(Timestamp::now(), select);
+            let req = Request::Digest {
+                owner: me.clone(),
+                segments,
+            };
+            let Ok(Response::Mismatch(differ)) =
+                self.call(&peer, req, self.config.ack_timeout).await
+            else {
+                continue;
+            };
+            if differ.is_empty() {
+                continue;
+            }
+            let records = lock(&self.replica).in_segments(Timestamp::now(), &differ, select);
+            tracing::info!(%peer, segments = differ.len(), sessions = records.len(), "anti-entropy repairing a replica");
+            for r in records {
+                self.metrics.messages.fetch_add(1, Ordering::Relaxed);
+                let _ = self
+                    .call(&peer, Request::Put(r), self.config.ack_timeout)
+                    .await;
+            }
         }
     }
 

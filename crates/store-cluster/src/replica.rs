@@ -17,6 +17,14 @@ pub enum Replicated {
     Gap,
 }
 
+/// Segments of the anti-entropy digest.
+pub const SEGMENTS: usize = 64;
+
+/// The segment of a session ID.
+pub fn segment(id: &SessionId) -> usize {
+    usize::from(id.as_bytes()[0]) % SEGMENTS
+}
+
 /// A node's sessions: what it owns and what it backs up.
 #[derive(Debug, Default)]
 pub struct Replica {
@@ -92,6 +100,38 @@ impl Replica {
     /// Every session held (for re-replication after a membership change).
     pub fn snapshot(&self) -> Vec<Record> {
         self.sessions.values().cloned().collect()
+    }
+
+    /// Per-segment digests of the live sessions `select` picks: two nodes
+    /// holding the same versions of the same sessions have equal digests.
+    pub fn digests(&self, now: Timestamp, select: impl Fn(&SessionId) -> bool) -> Vec<u64> {
+        let mut out = vec![0u64; SEGMENTS];
+        for r in self.sessions.values() {
+            if r.is_expired(now) || !select(&r.id) {
+                continue;
+            }
+            let mut key = [0u8; 24];
+            key[..16].copy_from_slice(r.id.as_bytes());
+            key[16..].copy_from_slice(&r.version.to_le_bytes());
+            out[segment(&r.id)] =
+                out[segment(&r.id)].wrapping_add(tether_core::placement::stable_hash(&key));
+        }
+        out
+    }
+
+    /// The live sessions of `segments` that `select` picks (to repair them).
+    pub fn in_segments(
+        &self,
+        now: Timestamp,
+        segments: &[u8],
+        select: impl Fn(&SessionId) -> bool,
+    ) -> Vec<Record> {
+        self.sessions
+            .values()
+            .filter(|r| !r.is_expired(now) && select(&r.id))
+            .filter(|r| segments.iter().any(|s| usize::from(*s) == segment(&r.id)))
+            .cloned()
+            .collect()
     }
 
     /// Sessions held and their attribute bytes.

@@ -58,6 +58,14 @@ pub enum Request {
     Remove(SessionId),
     /// The sender finished re-replicating to this node for its current view.
     Synced,
+    /// Anti-entropy: the digests of the sessions `owner` owns and the
+    /// receiver should back up; the receiver answers the segments that differ.
+    Digest {
+        /// The sending owner.
+        owner: String,
+        /// Per-segment digests.
+        segments: Vec<u64>,
+    },
     /// Forwarded to the owner: create.
     Create(Record),
     /// Forwarded to the owner: load.
@@ -97,6 +105,8 @@ pub enum Response {
     Deleted(bool),
     /// The node could not do it (its own replication failed, say).
     Unavailable(String),
+    /// Anti-entropy: segments whose digests differ.
+    Mismatch(Vec<u8>),
 }
 
 /// One frame.
