@@ -1,90 +1,627 @@
-//! `tether demo`: the brief's scenario, measured on this machine.
+//! `tether demo`: every strategy, measured on this machine, with a node
+//! killed half-way.
 //!
-//! This build runs the `local` strategy only — the honest baseline: two nodes
-//! that each keep sessions in their own memory, a login on node A, then the
-//! next page on node B. The other strategies (sticky load balancing,
-//! replication, Redis, JWT) join the table as they land.
+//! For each strategy it starts three `tether node` processes behind a
+//! `tether lb`, with the strategy's store, all on free loopback ports; replays
+//! the brief's scenario (log in, then the next page on another server where
+//! the policy allows it); runs a bounded workload of virtual users with
+//! cookie jars (logins, reads of `/mypage`, writes to `/cart`), SIGKILLs one
+//! node half-way and keeps going; then stops everything it started.
 
-use std::path::Path;
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tether_testkit::{node_args, Client, Process};
+use serde_json::json;
+use tether_testkit::{lb_args, node_args, Client, Process, RedisServer};
 
-/// What the scenario observed for one strategy.
-#[derive(Debug, Clone, Serialize)]
-pub struct ScenarioResult {
-    /// The strategy's name.
-    pub strategy: String,
-    /// The node the login went to, and its status.
-    pub login_node: String,
-    /// Status of the login.
-    pub login_status: u16,
-    /// Status of `/mypage` on the node that served the login.
-    pub same_node_status: u16,
-    /// The node asked next.
-    pub other_node: String,
-    /// Status of `/mypage` on the other node.
-    pub other_node_status: u16,
-    /// Whether the user was still logged in on the other node.
-    pub still_logged_in: bool,
-    /// Wall time of the three requests, in milliseconds.
-    pub elapsed_ms: f64,
+/// The strategies, in the brief's order.
+pub const STRATEGIES: [&str; 7] = [
+    "local",
+    "sticky-ip",
+    "sticky-cookie",
+    "replicated-all",
+    "replicated-backup",
+    "redis",
+    "jwt",
+];
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Virtual users per strategy.
+    pub users: usize,
+    /// Requests per user after its login.
+    pub requests: usize,
+    /// Users running at once.
+    pub concurrency: usize,
+    /// An existing Redis to use instead of a private `redis-server`.
+    pub redis_url: Option<String>,
+    /// Only these strategies (all when empty).
+    pub only: Vec<String>,
 }
 
-/// Runs the `local` scenario with nodes started from `bin` (this executable).
-///
-/// # Errors
-/// If a node cannot start or a request fails at the transport level.
-pub async fn run_local(bin: &Path) -> tether_testkit::Result<ScenarioResult> {
-    let a = Process::spawn(bin, &node_args("A", "memory")).await?;
-    let b = Process::spawn(bin, &node_args("B", "memory")).await?;
-    let user = Client::new();
-    let started = Instant::now();
-    let login = user
-        .post_json(&a.url("/login"), &serde_json::json!({ "member": 7 }))
-        .await?;
-    let same = user.get(&a.url("/mypage")).await?;
-    let other = user.get(&b.url("/mypage")).await?;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    Ok(ScenarioResult {
-        strategy: "local".into(),
-        login_node: login.node().unwrap_or_default(),
-        login_status: login.status.as_u16(),
-        same_node_status: same.status.as_u16(),
-        other_node: other.node().unwrap_or_default(),
-        other_node_status: other.status.as_u16(),
-        still_logged_in: other.status.is_success(),
-        elapsed_ms,
+impl Default for DemoConfig {
+    fn default() -> Self {
+        Self {
+            users: 200,
+            requests: 12,
+            concurrency: 32,
+            redis_url: None,
+            only: Vec::new(),
+        }
+    }
+}
+
+/// What was measured for one strategy. Keys are documented in README.md.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Row {
+    /// Strategy name.
+    pub strategy: String,
+    /// Why the row could not run (e.g. `redis-server` missing), if it did not.
+    pub skipped: Option<String>,
+    /// Load balancer policy used.
+    pub policy: String,
+    /// Scenario: node that served the login.
+    pub login_node: String,
+    /// Scenario: node that served the next page.
+    pub next_node: String,
+    /// Scenario: still logged in on the next page.
+    pub still_logged_in_after_switch: bool,
+    /// Users that logged in.
+    pub users: usize,
+    /// Users that saw "not logged in" after logging in, before the kill.
+    pub users_logged_out_before_kill: usize,
+    /// Users that saw "not logged in" for the first time after the kill.
+    pub users_logged_out_after_kill: usize,
+    /// Requests sent (after logins).
+    pub requests: usize,
+    /// Requests that failed (5xx or no answer) after the kill.
+    pub failed_after_kill: usize,
+    /// Requests that failed before the kill.
+    pub failed_before_kill: usize,
+    /// Failed requests by answer: an HTTP status, or `no answer`.
+    pub failures: BTreeMap<String, usize>,
+    /// Requests served per node.
+    pub requests_per_node: BTreeMap<String, usize>,
+    /// Busiest node's share over the mean share.
+    pub imbalance: f64,
+    /// Latency percentiles, ms.
+    pub p50_ms: f64,
+    /// Latency percentiles, ms.
+    pub p99_ms: f64,
+    /// Requests per second over the workload.
+    pub rps: f64,
+    /// Replication messages per write (replicated rows).
+    pub replication_messages_per_write: Option<f64>,
+    /// Replication bytes per write (replicated rows).
+    pub replication_bytes_per_write: Option<f64>,
+    /// Session bytes held per surviving node (in-process stores).
+    pub session_bytes_per_node: BTreeMap<String, u64>,
+    /// Session bytes in the shared store or the tokens.
+    pub note: String,
+}
+
+/// Everything a strategy's fleet holds, stopped on drop.
+struct Fleet {
+    nodes: Vec<Process>,
+    lb: Process,
+    _dir: tempfile::TempDir,
+}
+
+fn node_addr_args(mut args: Vec<String>, extra: &[String]) -> Vec<String> {
+    args.extend(extra.iter().cloned());
+    args
+}
+
+async fn start_fleet(bin: &Path, strategy: &str, redis: Option<&str>) -> Result<Fleet, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let ids = ["A", "B", "C"];
+    let mut nodes: Vec<Process> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (store, extra): (&str, Vec<String>) = match strategy {
+            "redis" => (redis.ok_or("no redis")?, vec![]),
+            "jwt" => {
+                let keys = dir.path().join("keys.toml");
+                if !keys.exists() {
+                    std::fs::write(&keys, tether_jwt::generate_hs256_key_file("demo"))
+                        .map_err(|e| e.to_string())?;
+                }
+                (
+                    "jwt",
+                    vec!["--jwt-key-file".into(), keys.display().to_string()],
+                )
+            }
+            "replicated-all" | "replicated-backup" => {
+                let mode = if strategy == "replicated-all" {
+                    "all"
+                } else {
+                    "backup"
+                };
+                let mut extra: Vec<String> = [
+                    "--cluster-listen",
+                    "127.0.0.1:0",
+                    "--cluster-secret",
+                    "tether-demo-secret",
+                    "--replication",
+                    mode,
+                ]
+                .map(String::from)
+                .to_vec();
+                if i > 0 {
+                    extra.extend(["--peer".to_string(), format!("A={}", nodes[0].addrs()[1])]);
+                }
+                ("cluster", extra)
+            }
+            _ => ("memory", vec![]),
+        };
+        let args = node_addr_args(node_args(id, store), &extra);
+        let announced = if store == "cluster" { 2 } else { 1 };
+        let mut args = args;
+        args.extend(["--log-level".into(), "error".into()]);
+        nodes.push(
+            Process::spawn_n(bin, &args, announced)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    // Every node ready (a cluster node once it holds its share).
+    for n in &nodes {
+        let (health, stats) = (n.url("/health"), n.url("/stats"));
+        tether_testkit::eventually(Duration::from_secs(30), "node ready", || {
+            let (health, stats) = (health.clone(), stats.clone());
+            async move {
+                let s = Client::new().get(&stats).await.ok()?.json().ok()?;
+                let live = s["cluster_live"].as_array().map_or(3, Vec::len);
+                (live == 3 && Client::new().get(&health).await.ok()?.status == 200).then_some(())
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    let policy = policy_of(strategy);
+    let backends: Vec<(&str, SocketAddr)> = ids
+        .iter()
+        .copied()
+        .zip(nodes.iter().map(Process::addr))
+        .collect();
+    let mut args = lb_args(policy, &backends);
+    args.extend(["--log-level".into(), "error".into()]);
+    let lb = Process::spawn_n(bin, &args, 2)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Fleet {
+        nodes,
+        lb,
+        _dir: dir,
     })
 }
 
-/// The scenario as a table for people.
-pub fn render(results: &[ScenarioResult]) -> String {
+fn policy_of(strategy: &str) -> &'static str {
+    match strategy {
+        "sticky-ip" => "ip-hash",
+        "sticky-cookie" => "cookie",
+        "replicated-backup" => "owner",
+        _ => "round-robin",
+    }
+}
+
+/// A client whose address is distinct per user (own /24), so `ip-hash`
+/// spreads users as it would real clients.
+fn user_client(i: usize) -> Client {
+    let ip = IpAddr::from([127, 0, (i % 250 + 1) as u8, (i / 250 + 1) as u8]);
+    Client::from_address(ip)
+}
+
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    per_node: BTreeMap<String, usize>,
+    logged_out_before: usize,
+    logged_out_after: usize,
+    failed_before: usize,
+    failed_after: usize,
+    requests: usize,
+    users: usize,
+    failures: BTreeMap<String, usize>,
+}
+
+/// Runs one strategy.
+async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Option<&str>) -> Row {
+    let mut row = Row {
+        strategy: strategy.into(),
+        policy: policy_of(strategy).into(),
+        ..Row::default()
+    };
+    if strategy == "redis" && redis.is_none() {
+        row.skipped = Some(
+            "redis-server not found on PATH: install it (apt-get install -y redis-server) or pass --redis-url".into(),
+        );
+        return row;
+    }
+    let fleet = match start_fleet(bin, strategy, redis).await {
+        Ok(f) => f,
+        Err(e) => {
+            row.skipped = Some(format!("could not start the fleet: {e}"));
+            return row;
+        }
+    };
+
+    // The brief's scenario.
+    let user = user_client(1000);
+    if let Ok(login) = user
+        .post_json(&fleet.lb.url("/login"), &json!({"member": 1}))
+        .await
+    {
+        row.login_node = login.node().unwrap_or_default();
+        if let Ok(next) = user.get(&fleet.lb.url("/mypage")).await {
+            row.next_node = next.node().unwrap_or_default();
+            row.still_logged_in_after_switch = next.status == 200;
+        }
+    }
+
+    // The workload, with node B killed half-way.
+    let total = config.users * config.requests;
+    let done = Arc::new(AtomicUsize::new(0));
+    let killed = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
+    let lb_url = fleet.lb.url("");
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for u in 0..config.users {
+        let (done, killed, tally, gate, lb_url) = (
+            done.clone(),
+            killed.clone(),
+            tally.clone(),
+            gate.clone(),
+            lb_url.clone(),
+        );
+        let requests = config.requests;
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.ok();
+            let client = user_client(u);
+            let Ok(login) = client
+                .post_json(&format!("{lb_url}/login"), &json!({"member": u}))
+                .await
+            else {
+                return None;
+            };
+            if login.status != 200 {
+                return None;
+            }
+            let mut seen_out = false;
+            let mut local = Tally {
+                users: 1,
+                ..Tally::default()
+            };
+            for r in 0..requests {
+                let t = Instant::now();
+                let res = if r % 4 == 3 {
+                    client
+                        .post_json(&format!("{lb_url}/cart"), &json!({"item": format!("i{r}")}))
+                        .await
+                } else {
+                    client.get(&format!("{lb_url}/mypage")).await
+                };
+                local.latencies.push(t.elapsed());
+                local.requests += 1;
+                // Classified by when the answer came: the flag is raised
+                // before the kill, so anything the kill caused counts after.
+                let after = killed.load(Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+                match res {
+                    Ok(res) => {
+                        if let Some(n) = res.node() {
+                            *local.per_node.entry(n).or_default() += 1;
+                        }
+                        if res.status == 401 && !seen_out {
+                            seen_out = true;
+                            if after {
+                                local.logged_out_after += 1;
+                            } else {
+                                local.logged_out_before += 1;
+                            }
+                        } else if res.status.is_server_error() {
+                            *local
+                                .failures
+                                .entry(res.status.as_u16().to_string())
+                                .or_default() += 1;
+                            if after {
+                                local.failed_after += 1
+                            } else {
+                                local.failed_before += 1
+                            }
+                        }
+                    }
+                    Err(_) => {
+                        *local.failures.entry("no answer".into()).or_default() += 1;
+                        if after {
+                            local.failed_after += 1
+                        } else {
+                            local.failed_before += 1
+                        }
+                    }
+                }
+            }
+            let mut t = tally
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            t.latencies.extend(local.latencies);
+            for (n, c) in local.per_node {
+                *t.per_node.entry(n).or_default() += c;
+            }
+            t.logged_out_before += local.logged_out_before;
+            t.logged_out_after += local.logged_out_after;
+            t.failed_before += local.failed_before;
+            t.failed_after += local.failed_after;
+            t.requests += local.requests;
+            t.users += 1;
+            for (k, v) in local.failures {
+                *t.failures.entry(k).or_default() += v;
+            }
+            Some((client, seen_out))
+        }));
+    }
+    // Half-way: SIGKILL node B, as a crash would.
+    let victim = &fleet.nodes[1];
+    let half = total / 2;
+    let _ = tether_testkit::eventually(Duration::from_secs(120), "half the workload", || {
+        let d = done.load(Ordering::SeqCst);
+        async move { (d >= half).then_some(()) }
+    })
+    .await;
+    killed.store(true, Ordering::SeqCst);
+    victim.signal(tether_testkit::SIGKILL);
+    let mut users = Vec::new();
+    for t in tasks {
+        if let Ok(Some(u)) = t.await {
+            users.push(u);
+        }
+    }
+    let elapsed = started.elapsed();
+    // Every user comes back once after the kill: users of the dead node
+    // who had finished before it died find out now.
+    let mut late = 0;
+    for (client, seen_out) in &users {
+        if !seen_out {
+            if let Ok(r) = client.get(&format!("{lb_url}/mypage")).await {
+                if r.status == 401 {
+                    late += 1;
+                }
+            }
+        }
+    }
+
+    let t = std::mem::take(
+        &mut *tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let mut lat = t.latencies;
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p) as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    row.p50_ms = pct(0.5);
+    row.p99_ms = pct(0.99);
+    row.rps = t.requests as f64 / elapsed.as_secs_f64();
+    row.users = t.users;
+    row.requests = t.requests;
+    row.users_logged_out_before_kill = t.logged_out_before;
+    row.users_logged_out_after_kill = t.logged_out_after + late;
+    row.failed_before_kill = t.failed_before;
+    row.failed_after_kill = t.failed_after;
+    row.failures = t.failures;
+    let mean = t.per_node.values().sum::<usize>() as f64 / 3.0;
+    row.imbalance = t.per_node.values().copied().max().unwrap_or(0) as f64 / mean.max(1.0);
+    row.requests_per_node = t.per_node;
+
+    // What the surviving nodes hold and replicated.
+    let (mut messages, mut bytes, mut writes) = (0.0, 0.0, 0.0);
+    for (i, n) in fleet.nodes.iter().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let id = ["A", "B", "C"][i];
+        if let Ok(s) = Client::new().get(&n.url("/stats")).await {
+            if let Ok(s) = s.json() {
+                if s["sessions"].is_number() {
+                    row.session_bytes_per_node
+                        .insert(id.into(), s["session_bytes"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+        if let Ok(m) = Client::new().get(&n.url("/metrics")).await {
+            let text = m.text();
+            let metric = |name: &str| {
+                text.lines()
+                    .find(|l| l.starts_with(name) && !l.starts_with('#'))
+                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+            };
+            messages += metric("tether_cluster_replication_messages_total");
+            bytes += metric("tether_cluster_replication_bytes_total");
+            writes += metric("tether_cluster_writes_total");
+        }
+    }
+    if strategy.starts_with("replicated") && writes > 0.0 {
+        row.replication_messages_per_write = Some(messages / writes);
+        row.replication_bytes_per_write = Some(bytes / writes);
+    }
+    row.note = match strategy {
+        "redis" => "sessions in one shared Redis: nodes hold none".into(),
+        "jwt" => "sessions in the clients' tokens: nodes hold none".into(),
+        "local" | "sticky-ip" | "sticky-cookie" => {
+            "each node holds only its own users' sessions".into()
+        }
+        _ => "replicas held by the surviving nodes".into(),
+    };
+    drop(fleet);
+    row
+}
+
+/// Runs every strategy; `progress` is told about each start and finish.
+pub async fn run(bin: &Path, config: &DemoConfig, mut progress: impl FnMut(&str)) -> Vec<Row> {
+    let mut private_redis = None;
+    let redis_url = match &config.redis_url {
+        Some(u) => Some(u.clone()),
+        None => match RedisServer::start().await {
+            Ok(r) => {
+                let url = r.url();
+                private_redis = Some(r);
+                Some(url)
+            }
+            Err(_) => None,
+        },
+    };
+    let mut rows = Vec::new();
+    for s in STRATEGIES {
+        if !config.only.is_empty() && !config.only.iter().any(|o| o == s) {
+            continue;
+        }
+        progress(&format!("{s}: starting 3 nodes and a balancer"));
+        let row = run_strategy(bin, s, config, redis_url.as_deref()).await;
+        progress(&format!("{s}: done"));
+        rows.push(row);
+    }
+    drop(private_redis);
+    rows
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+/// A table line: its label and how to render a row's cell.
+type Cell = (&'static str, Box<dyn Fn(&Row) -> String>);
+
+/// The brief's comparison table, measured.
+pub fn render(rows: &[Row], config: &DemoConfig) -> String {
     let mut out = String::new();
-    out.push_str("The brief's scenario: log in on one server, open the next page on another.\n\n");
     out.push_str(&format!(
-        "{:<10} {:<14} {:<18} {:<20} {}\n",
-        "strategy", "login", "/mypage same node", "/mypage other node", "still logged in?"
+        "tether demo: 3 nodes behind tether lb per strategy, {} users × {} requests, node B SIGKILLed half-way\n\n",
+        config.users, config.requests
     ));
-    for r in results {
-        out.push_str(&format!(
-            "{:<10} {:<14} {:<18} {:<20} {}\n",
-            r.strategy,
-            format!("{} on {}", r.login_status, r.login_node),
-            r.same_node_status.to_string(),
-            format!("{} on {}", r.other_node_status, r.other_node),
-            if r.still_logged_in {
-                "yes"
+    let cells: Vec<Cell> = vec![
+        ("balancer policy", Box::new(|r: &Row| r.policy.clone())),
+        (
+            "still logged in on the next server",
+            Box::new(|r: &Row| {
+                format!(
+                    "{} ({}→{})",
+                    yes_no(r.still_logged_in_after_switch),
+                    r.login_node,
+                    r.next_node
+                )
+            }),
+        ),
+        (
+            "users logged out before the kill",
+            Box::new(|r: &Row| format!("{} of {}", r.users_logged_out_before_kill, r.users)),
+        ),
+        (
+            "users logged out by the kill",
+            Box::new(|r: &Row| format!("{} of {}", r.users_logged_out_after_kill, r.users)),
+        ),
+        (
+            "failed requests after the kill",
+            Box::new(|r: &Row| r.failed_after_kill.to_string()),
+        ),
+        (
+            "requests per node A/B/C",
+            Box::new(|r: &Row| {
+                ["A", "B", "C"]
+                    .iter()
+                    .map(|n| {
+                        r.requests_per_node
+                            .get(*n)
+                            .copied()
+                            .unwrap_or(0)
+                            .to_string()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("/")
+            }),
+        ),
+        (
+            "imbalance (max/mean)",
+            Box::new(|r: &Row| format!("{:.2}", r.imbalance)),
+        ),
+        (
+            "replication msgs / write",
+            Box::new(|r: &Row| {
+                r.replication_messages_per_write
+                    .map_or("-".into(), |v| format!("{v:.2}"))
+            }),
+        ),
+        (
+            "replication bytes / write",
+            Box::new(|r: &Row| {
+                r.replication_bytes_per_write
+                    .map_or("-".into(), |v| format!("{v:.0}"))
+            }),
+        ),
+        (
+            "session bytes per node",
+            Box::new(|r: &Row| {
+                if r.session_bytes_per_node.is_empty() {
+                    "0 (none held)".into()
+                } else {
+                    r.session_bytes_per_node
+                        .values()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("/")
+                }
+            }),
+        ),
+        (
+            "latency p50 / p99 ms",
+            Box::new(|r: &Row| format!("{:.2} / {:.2}", r.p50_ms, r.p99_ms)),
+        ),
+        ("requests/s", Box::new(|r: &Row| format!("{:.0}", r.rps))),
+    ];
+    let width = 36;
+    let col = 20;
+    out.push_str(&format!("{:<width$}", ""));
+    for r in rows {
+        out.push_str(&format!("{:<col$}", r.strategy));
+    }
+    out.push('\n');
+    for (name, f) in &cells {
+        out.push_str(&format!("{name:<width$}"));
+        for r in rows {
+            let cell = if r.skipped.is_some() {
+                "(not run)".to_string()
             } else {
-                "NO: logged out"
-            },
-        ));
+                f(r)
+            };
+            out.push_str(&format!("{cell:<col$}"));
+        }
+        out.push('\n');
+    }
+    for r in rows {
+        if let Some(why) = &r.skipped {
+            out.push_str(&format!("\n{}: {why}", r.strategy));
+        }
     }
     out.push_str(
-        "\nThis build measures the `local` strategy only (each server keeps its own sessions):\n\
-         the problem every other strategy solves. Sticky load balancing, replication, Redis\n\
-         and JWT rows are added by their issues; see README.md.\n",
+        "\nEvery cell was measured in this run; `--json` gives the same figures to machines.\n",
     );
     out
+}
+
+/// Where this executable is, to start nodes and balancers from it.
+pub fn this_binary() -> std::io::Result<PathBuf> {
+    std::env::current_exe()
 }

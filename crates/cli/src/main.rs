@@ -185,6 +185,18 @@ struct DemoArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Virtual users per strategy.
+    #[arg(long, default_value_t = 200)]
+    users: usize,
+    /// Requests per user after its login.
+    #[arg(long, default_value_t = 12)]
+    requests: usize,
+    /// Use this Redis instead of starting a private redis-server.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Run only these strategies (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -352,15 +364,43 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let bin = std::env::current_exe().context("locating the tether executable")?;
-    let result = tether_cli::demo::run_local(&bin)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let results = [result];
+    for s in &args.only {
+        anyhow::ensure!(
+            tether_cli::demo::STRATEGIES.contains(&s.as_str()),
+            "--only {s:?}: use {}",
+            tether_cli::demo::STRATEGIES.join(", ")
+        );
+    }
+    anyhow::ensure!(
+        args.users > 0 && args.requests > 0,
+        "--users and --requests must be positive"
+    );
+    let bin = tether_cli::demo::this_binary().context("locating the tether executable")?;
+    let config = tether_cli::demo::DemoConfig {
+        users: args.users,
+        requests: args.requests,
+        redis_url: args.redis_url,
+        only: args.only,
+        ..Default::default()
+    };
+    let quiet = args.json;
+    let run = tether_cli::demo::run(&bin, &config, |msg| {
+        if !quiet {
+            eprintln!("… {msg}");
+        }
+    });
+    // Ctrl-C stops the run; dropping it kills every process it started.
+    let rows = tokio::select! {
+        rows = run => rows,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: stopping every process the demo started");
+            return Ok(ExitCode::from(130));
+        }
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        print!("{}", tether_cli::demo::render(&results));
+        print!("{}", tether_cli::demo::render(&rows, &config));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -241,27 +241,6 @@ async fn an_unknown_store_is_refused_at_startup() {
     assert!(err.contains("unknown store"), "{err}");
 }
 
-#[tokio::test]
-async fn the_demo_reports_the_local_strategy_losing_the_user() {
-    let out = tokio::process::Command::new(bin())
-        .args(["demo", "--json"])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let local = &rows[0];
-    assert_eq!(local["strategy"], "local");
-    assert_eq!(local["login_status"], 200);
-    assert_eq!(local["same_node_status"], 200);
-    assert_eq!(local["other_node_status"], 401);
-    assert_eq!(local["still_logged_in"], false);
-}
-
 /// The brief's recommended strategy: both nodes share one Redis, so a login
 /// on A is a login on B.
 #[tokio::test]

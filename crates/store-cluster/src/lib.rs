@@ -150,6 +150,15 @@ pub struct Metrics {
     pub ack_failures: AtomicU64,
 }
 
+/// What became of one replication message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Acked,
+    /// The connection was refused: the node is down.
+    Refused,
+    Failed,
+}
+
 /// The live members as this node sees them.
 #[derive(Debug, Clone, Default)]
 struct View {
@@ -464,16 +473,21 @@ impl Node {
             let sends = first
                 .iter()
                 .map(|t| node.send_replica(t, &req, &repair, size));
-            let mut acked = futures_util::future::join_all(sends)
-                .await
-                .into_iter()
-                .filter(|ok| *ok)
-                .count();
+            let results = futures_util::future::join_all(sends).await;
+            let mut acked = results.iter().filter(|r| **r == Sent::Acked).count();
+            // A node that refuses connections has crashed: it holds nothing
+            // to keep consistent, and gossip will drop it shortly. In `all`
+            // mode there is nobody to replace it, so it is not waited for.
+            let refused = results.iter().filter(|r| **r == Sent::Refused).count();
+            let wanted = match node.config.replication {
+                Replication::All => wanted - refused,
+                Replication::Backup(_) => wanted,
+            };
             for target in rest {
                 if acked >= wanted {
                     break;
                 }
-                if node.send_replica(target, &req, &repair, size).await {
+                if node.send_replica(target, &req, &repair, size).await == Sent::Acked {
                     acked += 1;
                 }
             }
@@ -510,34 +524,44 @@ impl Node {
         req: &Request,
         repair: &Option<Record>,
         size: u64,
-    ) -> bool {
+    ) -> Sent {
         self.metrics.messages.fetch_add(1, Ordering::Relaxed);
         self.metrics.bytes.fetch_add(size, Ordering::Relaxed);
-        match self
+        let mut answer = self
             .call(target, req.clone(), self.config.ack_timeout)
-            .await
-        {
-            Ok(Response::Ok) => true,
+            .await;
+        if let Err(peer::CallError::Lost(_)) = answer {
+            // The connection died under the message (the peer crashed, or
+            // dropped an idle connection). Replication messages are
+            // idempotent, so try once more on a new connection: a crashed
+            // peer now refuses it, which is an answer.
+            answer = self
+                .call(target, req.clone(), self.config.ack_timeout)
+                .await;
+        }
+        match answer {
+            Ok(Response::Ok) => Sent::Acked,
             Ok(Response::NeedFull) => {
                 let Some(full) = repair.clone() else {
-                    return false;
+                    return Sent::Failed;
                 };
                 let put = Request::Put(full);
                 let bytes = serde_json::to_vec(&put).map(|v| v.len()).unwrap_or(0) as u64;
                 self.metrics.messages.fetch_add(1, Ordering::Relaxed);
                 self.metrics.bytes.fetch_add(bytes, Ordering::Relaxed);
-                matches!(
-                    self.call(target, put, self.config.ack_timeout).await,
-                    Ok(Response::Ok)
-                )
+                match self.call(target, put, self.config.ack_timeout).await {
+                    Ok(Response::Ok) => Sent::Acked,
+                    _ => Sent::Failed,
+                }
             }
             Ok(other) => {
                 tracing::warn!(%target, ?other, "unexpected replication answer");
-                false
+                Sent::Failed
             }
+            Err(peer::CallError::Connect(_)) => Sent::Refused,
             Err(e) => {
                 tracing::debug!(%target, error = %e, "backup unreachable; trying the next node");
-                false
+                Sent::Failed
             }
         }
     }

@@ -1,0 +1,62 @@
+//! `tether demo` end to end with a small workload: the measured table must
+//! say what each strategy is known to do.
+
+use std::path::Path;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_measures_every_strategy_with_a_node_killed() {
+    let out = tokio::process::Command::new(Path::new(env!("CARGO_BIN_EXE_tether")))
+        .args(["demo", "--users", "20", "--requests", "6", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |name: &str| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["strategy"] == name)
+            .unwrap()
+            .clone()
+    };
+    let lost = |r: &serde_json::Value| {
+        r["users_logged_out_before_kill"].as_u64().unwrap()
+            + r["users_logged_out_after_kill"].as_u64().unwrap()
+    };
+
+    let local = row("local");
+    assert_eq!(local["still_logged_in_after_switch"], false, "{local}");
+    assert!(
+        local["users_logged_out_before_kill"].as_u64().unwrap() > 0,
+        "{local}"
+    );
+
+    for sticky in ["sticky-ip", "sticky-cookie"] {
+        let r = row(sticky);
+        assert_eq!(r["still_logged_in_after_switch"], true, "{r}");
+        assert_eq!(r["users_logged_out_before_kill"], 0, "{r}");
+        assert!(
+            r["users_logged_out_after_kill"].as_u64().unwrap() > 0,
+            "the killed node's users must be lost: {r}"
+        );
+    }
+    for shared in ["replicated-all", "replicated-backup", "redis", "jwt"] {
+        let r = row(shared);
+        assert!(r["skipped"].is_null(), "{r}");
+        assert_eq!(r["still_logged_in_after_switch"], true, "{r}");
+        assert_eq!(lost(&r), 0, "{shared} lost a logged-in user: {r}");
+        assert_eq!(r["users"], 20);
+    }
+    for replicated in ["replicated-all", "replicated-backup"] {
+        let r = row(replicated);
+        assert!(
+            r["replication_messages_per_write"].as_f64().unwrap() >= 1.0,
+            "{r}"
+        );
+    }
+}
