@@ -46,12 +46,17 @@ impl RoundRobin {
     }
 
     /// The next order: the next backend in the cycle, then the others.
+    ///
+    /// The fallbacks start at a place that moves every cycle, so when a
+    /// backend is down its share is spread over the others instead of all
+    /// landing on its neighbour in the list.
     pub fn order(&self, n: usize) -> Vec<usize> {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
         let first = self.sequence[i % self.sequence.len()];
         let mut order = Vec::with_capacity(n);
         order.push(first);
-        complete(&mut order, n, first);
+        let shift = (i / self.sequence.len()) % n.saturating_sub(1).max(1);
+        complete(&mut order, n, first + shift);
         order
     }
 }
@@ -122,6 +127,35 @@ impl Select for PowerOfTwo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Backend;
+    use crate::pool::Pool;
+
+    #[test]
+    fn a_down_backends_share_is_spread_over_the_others() {
+        let backends: Vec<Backend> = ["A", "B", "C", "D"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Backend {
+                id: (*id).into(),
+                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                weight: 1,
+            })
+            .collect();
+        let pool = Pool::new(&backends, None, std::time::Instant::now());
+        let rr = RoundRobin::new(&pool);
+        let mut fallback = [0usize; 4];
+        for _ in 0..1200 {
+            let order = rr.order(4);
+            // B (index 1) is down: the request goes to the first other.
+            let served = order.into_iter().find(|i| *i != 1).unwrap();
+            fallback[served] += 1;
+        }
+        // 300 each from their own turns, plus B's 300 spread evenly.
+        assert_eq!(fallback[1], 0);
+        for i in [0, 2, 3] {
+            assert_eq!(fallback[i], 400, "{fallback:?}");
+        }
+    }
 
     #[test]
     fn smooth_sequence_interleaves_by_weight() {
