@@ -318,6 +318,12 @@ impl ClusterStore {
         })
     }
 
+    /// This node's own copy of session `id`, if it holds one (no routing:
+    /// for inspecting replicas).
+    pub fn local_copy(&self, id: &SessionId) -> Option<Record> {
+        lock(&self.node.replica).get(id, Timestamp::now()).cloned()
+    }
+
     /// This node's name.
     pub fn node_id(&self) -> &str {
         &self.node.config.node_id
@@ -404,7 +410,7 @@ impl Node {
         Some(
             peers
                 .entry(addr)
-                .or_insert_with(|| Arc::new(Peer::new(addr)))
+                .or_insert_with(|| Arc::new(Peer::new(addr, Some(self.config.listen.ip()))))
                 .clone(),
         )
     }

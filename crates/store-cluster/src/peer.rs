@@ -30,16 +30,33 @@ type Reply = oneshot::Sender<Response>;
 /// A connection to one peer.
 pub struct Peer {
     addr: SocketAddr,
+    /// Source address for connections: the node's own cluster IP, so a
+    /// node is recognisable by address on the wire (firewalls, tests).
+    local: Option<std::net::IpAddr>,
     tx: Mutex<Option<mpsc::Sender<(Request, Reply)>>>,
 }
 
 impl Peer {
     /// A peer at `addr`, connected on first use.
-    pub fn new(addr: SocketAddr) -> Self {
+    pub fn new(addr: SocketAddr, local: Option<std::net::IpAddr>) -> Self {
         Self {
             addr,
+            local: local.filter(|ip| !ip.is_unspecified()),
             tx: Mutex::new(None),
         }
+    }
+
+    async fn connect(&self) -> std::io::Result<TcpStream> {
+        let Some(ip) = self.local.filter(|ip| ip.is_ipv4() == self.addr.is_ipv4()) else {
+            return TcpStream::connect(self.addr).await;
+        };
+        let socket = if ip.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(ip, 0))?;
+        socket.connect(self.addr).await
     }
 
     async fn sender(
@@ -51,7 +68,7 @@ impl Peer {
         if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
             return Ok(tx.clone());
         }
-        let stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(self.addr))
+        let stream = tokio::time::timeout(Duration::from_secs(1), self.connect())
             .await
             .map_err(|_| CallError::Connect(self.addr))?
             .map_err(|_| CallError::Connect(self.addr))?;

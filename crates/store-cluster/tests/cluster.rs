@@ -157,3 +157,116 @@ async fn garbage_and_oversized_frames_close_the_connection_not_the_node() {
         .is_some());
     let _ = Ack::Sync;
 }
+
+/// A partition, made by the kernel's firewall around node C's address.
+///
+/// What happens, by design (there is no quorum):
+/// - during the partition the majority side (A, B) serves C's sessions from
+///   their backups and accepts writes to them; C, alone, serves and writes
+///   its own sessions too (split brain);
+/// - after healing, each session converges to one copy: the higher version
+///   wins, and at equal versions the later write. The other side's writes to
+///   that session are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_splits_the_brain_and_healing_converges() {
+    let ip = |n: u8| -> std::net::IpAddr { [127, 0, 77, n].into() };
+    let start = |id: &'static str, n: u8, seed: Option<std::net::SocketAddr>| async move {
+        let mut config = ClusterConfig::new(id, std::net::SocketAddr::new(ip(n), 0), SECRET);
+        config.seeds = seed.iter().map(ToString::to_string).collect();
+        config.anti_entropy_interval = Duration::from_millis(500);
+        ClusterStore::start(config).await.unwrap()
+    };
+    let a = start("A", 1, None).await;
+    let b = start("B", 2, Some(a.addr())).await;
+    let c = start("C", 3, Some(a.addr())).await;
+    let see = |n: &ClusterStore, count: usize| {
+        let live = n.live_nodes().len();
+        async move { (live == count).then_some(()) }
+    };
+    for n in [&a, &b, &c] {
+        eventually(Duration::from_secs(20), "three live nodes", || see(n, 3))
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(20), "ready", || async {
+            n.is_ready().then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    // A session owned by C.
+    let id = c.propose_id();
+    let r = tether_core::Record {
+        id,
+        ..record_with(Timestamp::now(), &[("side", "\"before\"")])
+    };
+    c.create(&r).await.unwrap();
+
+    let cut = tether_testkit::Isolation::isolate(ip(3)).unwrap();
+    for (n, count) in [(&a, 2), (&b, 2), (&c, 1)] {
+        eventually(Duration::from_secs(30), "the partition noticed", || {
+            see(n, count)
+        })
+        .await
+        .unwrap();
+    }
+    // Both sides read and write the session.
+    let from_backup = a
+        .load(&id, Load::at(Timestamp::now()))
+        .await
+        .unwrap()
+        .expect("majority serves it from the backup");
+    assert_eq!(from_backup.attributes["side"].get(), "\"before\"");
+    let mut d = Delta::default();
+    d.set("side", tether_core::testing::json("\"majority\""));
+    assert!(a.apply(&id, &d, Timestamp::now()).await.unwrap().is_some());
+    let mut d = Delta::default();
+    d.set("side", tether_core::testing::json("\"minority\""));
+    assert!(c
+        .apply(&id, &d, Timestamp(Timestamp::now().0 + 1))
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        c.load(&id, Load::at(Timestamp::now()))
+            .await
+            .unwrap()
+            .unwrap()
+            .attributes["side"]
+            .get(),
+        "\"minority\""
+    );
+
+    cut.heal();
+    for n in [&a, &b, &c] {
+        eventually(Duration::from_secs(30), "the partition healed", || {
+            see(n, 3)
+        })
+        .await
+        .unwrap();
+    }
+    // The owner and its backup hold one and the same copy again: equal
+    // versions, so the later write (the minority's) won; every node answers it.
+    let converged = eventually(
+        Duration::from_secs(30),
+        "one copy of the session",
+        || async {
+            let copies: Vec<_> = [&a, &b, &c]
+                .iter()
+                .filter_map(|n| n.local_copy(&id))
+                .map(|r| (r.version, r.attributes["side"].get().to_string()))
+                .collect();
+            (copies.len() == 2 && copies[0] == copies[1]).then(|| copies[0].clone())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(converged, (2, "\"minority\"".to_string()));
+    for n in [&a, &b, &c] {
+        let r = n
+            .load(&id, Load::at(Timestamp::now()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.attributes["side"].get(), "\"minority\"");
+    }
+}

@@ -12,6 +12,7 @@
 //! - [`eventually`] polls a condition with a deadline instead of sleeping.
 
 mod client;
+mod fault;
 mod process;
 mod redis;
 
@@ -19,6 +20,7 @@ mod redis;
 pub use ::redis as redis_client;
 
 pub use client::{Client, Response};
+pub use fault::Isolation;
 pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
 
