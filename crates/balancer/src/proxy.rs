@@ -371,8 +371,10 @@ async fn forward(
         let retry_fresh = |e: &upstream::SendError, reused: bool| {
             // The backend closed a kept-alive connection as we reused it: the
             // request never reached the application, so try a new connection.
-            let upstream::SendError::Http(e) = e else {
-                return false;
+            let e = match e {
+                upstream::SendError::Http(e) => e,
+                upstream::SendError::Closed => return reused && buffered.is_some(),
+                upstream::SendError::Timeout => return false,
             };
             reused
                 && buffered.is_some()
@@ -426,7 +428,7 @@ async fn forward(
                 fresh_retry = true;
                 continue;
             }
-            Err((upstream::SendError::Http(e), _)) => {
+            Err((e @ (upstream::SendError::Http(_) | upstream::SendError::Closed), _)) => {
                 shared.record_failure(g, i);
                 member.stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(backend = %member.id, error = %e, "backend failed before response headers");

@@ -163,6 +163,9 @@ pub(crate) enum SendError {
     /// The exchange failed.
     #[error(transparent)]
     Http(hyper::Error),
+    /// The connection closed before the request was answered.
+    #[error("connection closed before the response")]
+    Closed,
 }
 
 /// Sends `req` on `conn`, driving the connection in this task until the
@@ -186,6 +189,11 @@ pub(crate) async fn send(
             if let Poll::Ready(r) = response.as_mut().poll(cx) {
                 return Poll::Ready(r.map_err(SendError::Http));
             }
+            // The connection ended (the backend closed it) with the request
+            // still queued: it will never be answered, and the queue lives
+            // as long as the connection object. Without this the request
+            // waited for the full response timeout.
+            return Poll::Ready(Err(SendError::Closed));
         }
         if conn.deadline.as_mut().poll(cx).is_ready() {
             // The exchange is abandoned half-way: never reuse this connection.

@@ -102,8 +102,14 @@ pub struct Row {
     pub replication_bytes_per_write: Option<f64>,
     /// Session bytes held per surviving node (in-process stores).
     pub session_bytes_per_node: BTreeMap<String, u64>,
-    /// Session bytes in the shared store or the tokens.
+    /// Where the sessions live.
     pub note: String,
+    /// Latency at percentiles 0, 5, …, 95 and 99, ms.
+    pub latency_curve_ms: Vec<f64>,
+    /// The slowest request, ms.
+    pub latency_max_ms: f64,
+    /// When each logged-out user found out, ms relative to the kill.
+    pub logged_out_at_ms: Vec<f64>,
 }
 
 /// Everything a strategy's fleet holds, stopped on drop.
@@ -228,6 +234,7 @@ struct Tally {
     requests: usize,
     users: usize,
     failures: BTreeMap<String, usize>,
+    logout_times: Vec<Duration>,
 }
 
 /// Runs one strategy.
@@ -321,6 +328,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
                         }
                         if res.status == 401 && !seen_out {
                             seen_out = true;
+                            local.logout_times.push(started.elapsed());
                             if after {
                                 local.logged_out_after += 1;
                             } else {
@@ -364,6 +372,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
             for (k, v) in local.failures {
                 *t.failures.entry(k).or_default() += v;
             }
+            t.logout_times.extend(local.logout_times);
             Some((client, seen_out))
         }));
     }
@@ -376,6 +385,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     })
     .await;
     killed.store(true, Ordering::SeqCst);
+    let kill_at = started.elapsed();
     victim.signal(tether_testkit::SIGKILL);
     let mut users = Vec::new();
     for t in tasks {
@@ -387,11 +397,13 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     // Every user comes back once after the kill: users of the dead node
     // who had finished before it died find out now.
     let mut late = 0;
+    let mut late_times = Vec::new();
     for (client, seen_out) in &users {
         if !seen_out {
             if let Ok(r) = client.get(&format!("{lb_url}/mypage")).await {
                 if r.status == 401 {
                     late += 1;
+                    late_times.push(started.elapsed());
                 }
             }
         }
@@ -408,6 +420,19 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         lat.get(((lat.len().max(1) - 1) as f64 * p) as usize)
             .map_or(0.0, |d| d.as_secs_f64() * 1e3)
     };
+    row.latency_curve_ms = (0..20)
+        .map(|i| pct(f64::from(i) / 20.0))
+        .chain([pct(0.99)])
+        .collect();
+    row.latency_max_ms = pct(1.0);
+    let mut outs: Vec<f64> = t
+        .logout_times
+        .iter()
+        .chain(&late_times)
+        .map(|d| (d.as_secs_f64() - kill_at.as_secs_f64()) * 1e3)
+        .collect();
+    outs.sort_by(f64::total_cmp);
+    row.logged_out_at_ms = outs;
     row.p50_ms = pct(0.5);
     row.p99_ms = pct(0.99);
     row.rps = t.requests as f64 / elapsed.as_secs_f64();
@@ -618,6 +643,157 @@ pub fn render(rows: &[Row], config: &DemoConfig) -> String {
     out.push_str(
         "\nEvery cell was measured in this run; `--json` gives the same figures to machines.\n",
     );
+    out
+}
+
+/// Replication cost at one cluster size.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    /// `replicated-all` or `replicated-backup`.
+    pub strategy: String,
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Replication messages per write.
+    pub messages_per_write: f64,
+    /// Replication bytes per write.
+    pub bytes_per_write: f64,
+    /// Write (`POST /cart` at the owner) latency, ms.
+    pub write_p50_ms: f64,
+    /// Write latency, ms.
+    pub write_p99_ms: f64,
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+/// Measures replication cost against cluster size: for each size, a
+/// cluster of node processes, one user writing to its session at the owner.
+pub async fn sweep(bin: &Path, sizes: &[usize], writes: usize) -> Result<Vec<SweepRow>, String> {
+    let mut rows = Vec::new();
+    for (strategy, mode) in [("replicated-all", "all"), ("replicated-backup", "backup")] {
+        for &n in sizes {
+            let mut nodes: Vec<Process> = Vec::new();
+            for i in 0..n {
+                let mut args = node_args(&format!("N{i}"), "cluster");
+                args.extend(
+                    [
+                        "--cluster-listen",
+                        "127.0.0.1:0",
+                        "--cluster-secret",
+                        "tether-demo-secret",
+                        "--replication",
+                        mode,
+                        "--log-level",
+                        "error",
+                    ]
+                    .map(String::from),
+                );
+                if let Some(first) = nodes.first() {
+                    args.extend(["--peer".to_string(), format!("N0={}", first.addrs()[1])]);
+                }
+                nodes.push(
+                    Process::spawn_n(bin, &args, 2)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+            for node in &nodes {
+                let (health, stats) = (node.url("/health"), node.url("/stats"));
+                tether_testkit::eventually(Duration::from_secs(30), "cluster formed", || {
+                    let (health, stats) = (health.clone(), stats.clone());
+                    async move {
+                        let s = Client::new().get(&stats).await.ok()?.json().ok()?;
+                        let live = s["cluster_live"].as_array()?.len();
+                        (live == n && Client::new().get(&health).await.ok()?.status == 200)
+                            .then_some(())
+                    }
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            let user = Client::new();
+            user.post_json(&nodes[0].url("/login"), &json!({"member": 1}))
+                .await
+                .map_err(|e| e.to_string())?;
+            let totals = |nodes: &[Process]| {
+                let urls: Vec<String> = nodes.iter().map(|p| p.url("/metrics")).collect();
+                async move {
+                    let mut t = (0.0, 0.0);
+                    for u in urls {
+                        if let Ok(r) = Client::new().get(&u).await {
+                            let text = r.text();
+                            t.0 += metric(&text, "tether_cluster_replication_messages_total");
+                            t.1 += metric(&text, "tether_cluster_replication_bytes_total");
+                        }
+                    }
+                    t
+                }
+            };
+            let before = totals(&nodes).await;
+            let mut lat = Vec::with_capacity(writes);
+            for i in 0..writes {
+                let started = Instant::now();
+                // A bounded cart: the session stays small, as sessions do.
+                let r = user
+                    .post_json(
+                        &nodes[0].url("/cart"),
+                        &json!({"item": format!("i{}", i % 5)}),
+                    )
+                    .await;
+                lat.push(started.elapsed());
+                if r.map(|r| r.status != 200).unwrap_or(true) {
+                    return Err(format!("a write failed at N = {n}"));
+                }
+                if i % 5 == 4 {
+                    user.post_json(&nodes[0].url("/logout"), &json!({}))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    user.post_json(&nodes[0].url("/login"), &json!({"member": 1}))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            let after = totals(&nodes).await;
+            lat.sort();
+            let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
+            // Logins and logouts replicate too; count every write the owner made.
+            let total_writes = writes as f64 + 2.0 * (writes / 5) as f64;
+            rows.push(SweepRow {
+                strategy: strategy.into(),
+                nodes: n,
+                messages_per_write: (after.0 - before.0) / total_writes,
+                bytes_per_write: (after.1 - before.1) / total_writes,
+                write_p50_ms: pct(0.5),
+                write_p99_ms: pct(0.99),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The sweep as a table.
+pub fn render_sweep(rows: &[SweepRow]) -> String {
+    let mut out =
+        String::from("\nReplication cost against cluster size (writes at the owner):\n\n");
+    out.push_str(&format!(
+        "{:<20}{:>6}{:>16}{:>15}{:>14}{:>14}\n",
+        "strategy", "nodes", "messages/write", "bytes/write", "p50 ms", "p99 ms"
+    ));
+    for r in rows {
+        out.push_str(&format!(
+            "{:<20}{:>6}{:>16.2}{:>15.0}{:>14.2}{:>14.2}\n",
+            r.strategy,
+            r.nodes,
+            r.messages_per_write,
+            r.bytes_per_write,
+            r.write_p50_ms,
+            r.write_p99_ms
+        ));
+    }
     out
 }
 

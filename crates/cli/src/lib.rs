@@ -5,3 +5,4 @@
 
 pub mod demo;
 pub mod node;
+pub mod report;

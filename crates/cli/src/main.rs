@@ -197,6 +197,12 @@ struct DemoArgs {
     /// Run only these strategies (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Also measure replication cost at these cluster sizes, e.g. 2,3,5,8.
+    #[arg(long, value_delimiter = ',')]
+    sweep_nodes: Vec<usize>,
+    /// Also write one self-contained HTML page with the table and charts.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -397,10 +403,45 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(130));
         }
     };
+    let sweep = if args.sweep_nodes.is_empty() {
+        None
+    } else {
+        anyhow::ensure!(
+            args.sweep_nodes.iter().all(|n| (1..=16).contains(n)),
+            "--sweep-nodes: sizes from 1 to 16"
+        );
+        if !quiet {
+            eprintln!("… sweeping cluster sizes {:?}", args.sweep_nodes);
+        }
+        Some(
+            tether_cli::demo::sweep(&bin, &args.sweep_nodes, 100)
+                .await
+                .map_err(|e| anyhow::anyhow!("sweep: {e}"))?,
+        )
+    };
+    if let Some(path) = &args.report {
+        let mut table = tether_cli::demo::render(&rows, &config);
+        if let Some(s) = &sweep {
+            table.push_str(&tether_cli::demo::render_sweep(s));
+        }
+        let page = tether_cli::report::html(&rows, &table, sweep.as_deref())
+            .map_err(|e| anyhow::anyhow!("report: {e}"))?;
+        std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
+        if !quiet {
+            eprintln!("… report written to {}", path.display());
+        }
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let doc = match &sweep {
+            Some(s) => serde_json::json!({ "strategies": rows, "sweep": s }),
+            None => serde_json::to_value(&rows)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", tether_cli::demo::render(&rows, &config));
+        if let Some(s) = &sweep {
+            print!("{}", tether_cli::demo::render_sweep(s));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
