@@ -60,3 +60,68 @@ async fn the_demo_measures_every_strategy_with_a_node_killed() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_is_one_self_contained_page_with_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.html");
+    let out = tokio::process::Command::new(Path::new(env!("CARGO_BIN_EXE_tether")))
+        .args([
+            "demo",
+            "--only",
+            "local,replicated-backup",
+            "--users",
+            "6",
+            "--requests",
+            "4",
+            "--sweep-nodes",
+            "2,3",
+        ])
+        .arg("--report")
+        .arg(&path)
+        .arg("--json")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sweep = doc["sweep"].as_array().unwrap();
+    let messages = |s: &str, n: u64| {
+        sweep
+            .iter()
+            .find(|r| r["strategy"] == s && r["nodes"] == n)
+            .unwrap()["messages_per_write"]
+            .as_f64()
+            .unwrap()
+    };
+    // All-to-all sends N-1 messages per write; owner + 1 backup sends one.
+    assert!((messages("replicated-all", 3) - 2.0).abs() < 0.01);
+    assert!((messages("replicated-backup", 3) - 1.0).abs() < 0.01);
+    let html = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        html.matches("<svg").count(),
+        4,
+        "latency, nodes, logouts, sweep"
+    );
+    for needle in [
+        "Latency through the balancer",
+        "Users logged out over time",
+        "replicated-backup",
+    ] {
+        assert!(html.contains(needle), "{needle}");
+    }
+    // Nothing is fetched from the network: the only URL is the SVG namespace.
+    let urls: Vec<&str> = html
+        .match_indices("http")
+        .map(|(i, _)| &html[i..i + 26])
+        .collect();
+    assert!(
+        urls.iter()
+            .all(|u| u.starts_with("http://www.w3.org/2000/svg")),
+        "{urls:?}"
+    );
+}
