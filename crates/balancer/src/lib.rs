@@ -100,8 +100,24 @@ impl Totals {
     }
 }
 
+/// One request as the balancer saw it, for live views.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RequestEvent {
+    /// Method.
+    pub method: String,
+    /// Path.
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    /// The node that answered (`X-Tether-Node`), if one did.
+    pub backend: Option<String>,
+    /// Time to response headers, ms.
+    pub ms: f64,
+}
+
 pub(crate) struct Shared {
     pub(crate) current: ArcSwap<Generation>,
+    pub(crate) events: tokio::sync::broadcast::Sender<RequestEvent>,
     pub(crate) totals: Totals,
     started: Instant,
     config_path: Option<PathBuf>,
@@ -261,6 +277,11 @@ impl Handle {
     pub fn status(&self) -> serde_json::Value {
         admin::status_json(&self.shared)
     }
+
+    /// A live stream of the requests served (lagging receivers skip).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<RequestEvent> {
+        self.shared.events.subscribe()
+    }
 }
 
 /// A bound, not yet running balancer.
@@ -310,6 +331,7 @@ impl Balancer {
         let generation = build_generation(config, None, started, &secret)?;
         let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
+            events: tokio::sync::broadcast::channel(1024).0,
             totals: Totals::default(),
             started,
             config_path,

@@ -209,10 +209,28 @@ pub(crate) async fn handle(
 ) -> Result<Response<ClientBody>, Infallible> {
     shared.totals.requests.fetch_add(1, Ordering::Relaxed);
     let generation = shared.current.load_full();
+    // Only when someone watches (a dashboard): otherwise no clock, no copy.
+    let watched = shared.events.receiver_count() > 0;
+    let started = watched.then(Instant::now);
+    let described = watched.then(|| (req.method().to_string(), req.uri().path().to_string()));
     let res = forward(&shared, &generation, peer, req).await;
     let code = res.status().as_u16();
     if matches!(code, 502..=504) && matches!(res.body(), Either::Right(_)) {
         shared.totals.count_generated(code);
+    }
+    if let (Some(started), Some((method, path))) = (started, described) {
+        let backend = res
+            .headers()
+            .get("x-tether-node")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let _ = shared.events.send(crate::RequestEvent {
+            method,
+            path,
+            status: code,
+            backend,
+            ms: started.elapsed().as_secs_f64() * 1e3,
+        });
     }
     Ok(res)
 }

@@ -119,76 +119,80 @@ struct Fleet {
     _dir: tempfile::TempDir,
 }
 
-fn node_addr_args(mut args: Vec<String>, extra: &[String]) -> Vec<String> {
-    args.extend(extra.iter().cloned());
-    args
+/// The `tether node` arguments of node `id` for `strategy`. `seed` is the
+/// cluster address of a running node (replicated strategies), `listen` the
+/// HTTP address (port 0: a free one). Returns the arguments and how many
+/// addresses the node will announce.
+pub(crate) fn strategy_node_args(
+    strategy: &str,
+    id: &str,
+    listen: SocketAddr,
+    seed: Option<SocketAddr>,
+    dir: &Path,
+    redis: Option<&str>,
+) -> Result<(Vec<String>, usize), String> {
+    let (store, extra): (&str, Vec<String>) = match strategy {
+        "redis" => (redis.ok_or("no redis")?, vec![]),
+        "jwt" => {
+            let keys = dir.join("keys.toml");
+            if !keys.exists() {
+                std::fs::write(&keys, tether_jwt::generate_hs256_key_file("demo")).map_err(|e| e.to_string())?;
+            }
+            ("jwt", vec!["--jwt-key-file".into(), keys.display().to_string()])
+        }
+        "replicated-all" | "replicated-backup" => {
+            let mode = if strategy == "replicated-all" { "all" } else { "backup" };
+            let mut extra: Vec<String> = ["--cluster-listen", "127.0.0.1:0", "--cluster-secret", "tether-demo-secret", "--replication", mode]
+                .map(String::from)
+                .to_vec();
+            if let Some(seed) = seed {
+                extra.extend(["--peer".to_string(), format!("seed={seed}")]);
+            }
+            ("cluster", extra)
+        }
+        "local" | "sticky-ip" | "sticky-cookie" => ("memory", vec![]),
+        other => return Err(format!("unknown strategy {other:?}: use {}", STRATEGIES.join(", "))),
+    };
+    let mut args = node_args(id, store);
+    if let Some(i) = args.iter().position(|a| a == "127.0.0.1:0") {
+        args[i] = listen.to_string();
+    }
+    args.extend(extra);
+    args.extend(["--log-level".into(), "error".into()]);
+    Ok((args, if store == "cluster" { 2 } else { 1 }))
+}
+
+/// Waits until every node answers `/health` and sees `live` cluster members
+/// (non-cluster nodes count as seeing all).
+pub(crate) async fn wait_ready(nodes: &[&Process], live: usize) -> Result<(), String> {
+    for n in nodes {
+        let (health, stats) = (n.url("/health"), n.url("/stats"));
+        tether_testkit::eventually(Duration::from_secs(30), "node ready", || {
+            let (health, stats) = (health.clone(), stats.clone());
+            async move {
+                let s = Client::new().get(&stats).await.ok()?.json().ok()?;
+                let seen = s["cluster_live"].as_array().map_or(live, Vec::len);
+                (seen == live && Client::new().get(&health).await.ok()?.status == 200).then_some(())
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 async fn start_fleet(bin: &Path, strategy: &str, redis: Option<&str>) -> Result<Fleet, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ids = ["A", "B", "C"];
     let mut nodes: Vec<Process> = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let (store, extra): (&str, Vec<String>) = match strategy {
-            "redis" => (redis.ok_or("no redis")?, vec![]),
-            "jwt" => {
-                let keys = dir.path().join("keys.toml");
-                if !keys.exists() {
-                    std::fs::write(&keys, tether_jwt::generate_hs256_key_file("demo"))
-                        .map_err(|e| e.to_string())?;
-                }
-                (
-                    "jwt",
-                    vec!["--jwt-key-file".into(), keys.display().to_string()],
-                )
-            }
-            "replicated-all" | "replicated-backup" => {
-                let mode = if strategy == "replicated-all" {
-                    "all"
-                } else {
-                    "backup"
-                };
-                let mut extra: Vec<String> = [
-                    "--cluster-listen",
-                    "127.0.0.1:0",
-                    "--cluster-secret",
-                    "tether-demo-secret",
-                    "--replication",
-                    mode,
-                ]
-                .map(String::from)
-                .to_vec();
-                if i > 0 {
-                    extra.extend(["--peer".to_string(), format!("A={}", nodes[0].addrs()[1])]);
-                }
-                ("cluster", extra)
-            }
-            _ => ("memory", vec![]),
-        };
-        let args = node_addr_args(node_args(id, store), &extra);
-        let announced = if store == "cluster" { 2 } else { 1 };
-        let mut args = args;
-        args.extend(["--log-level".into(), "error".into()]);
-        nodes.push(
-            Process::spawn_n(bin, &args, announced)
-                .await
-                .map_err(|e| e.to_string())?,
-        );
+    for id in ids {
+        let seed = nodes.first().and_then(|n| n.addrs().get(1).copied());
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let (args, announced) = strategy_node_args(strategy, id, any, seed, dir.path(), redis)?;
+        nodes.push(Process::spawn_n(bin, &args, announced).await.map_err(|e| e.to_string())?);
     }
     // Every node ready (a cluster node once it holds its share).
-    for n in &nodes {
-        let (health, stats) = (n.url("/health"), n.url("/stats"));
-        tether_testkit::eventually(Duration::from_secs(30), "node ready", || {
-            let (health, stats) = (health.clone(), stats.clone());
-            async move {
-                let s = Client::new().get(&stats).await.ok()?.json().ok()?;
-                let live = s["cluster_live"].as_array().map_or(3, Vec::len);
-                (live == 3 && Client::new().get(&health).await.ok()?.status == 200).then_some(())
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    }
+    wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;
     let policy = policy_of(strategy);
     let backends: Vec<(&str, SocketAddr)> = ids
         .iter()
@@ -207,7 +211,8 @@ async fn start_fleet(bin: &Path, strategy: &str, redis: Option<&str>) -> Result<
     })
 }
 
-fn policy_of(strategy: &str) -> &'static str {
+/// The balancer policy a strategy runs behind.
+pub fn policy_of(strategy: &str) -> &'static str {
     match strategy {
         "sticky-ip" => "ip-hash",
         "sticky-cookie" => "cookie",
