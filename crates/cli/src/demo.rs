@@ -136,22 +136,42 @@ pub(crate) fn strategy_node_args(
         "jwt" => {
             let keys = dir.join("keys.toml");
             if !keys.exists() {
-                std::fs::write(&keys, tether_jwt::generate_hs256_key_file("demo")).map_err(|e| e.to_string())?;
+                std::fs::write(&keys, tether_jwt::generate_hs256_key_file("demo"))
+                    .map_err(|e| e.to_string())?;
             }
-            ("jwt", vec!["--jwt-key-file".into(), keys.display().to_string()])
+            (
+                "jwt",
+                vec!["--jwt-key-file".into(), keys.display().to_string()],
+            )
         }
         "replicated-all" | "replicated-backup" => {
-            let mode = if strategy == "replicated-all" { "all" } else { "backup" };
-            let mut extra: Vec<String> = ["--cluster-listen", "127.0.0.1:0", "--cluster-secret", "tether-demo-secret", "--replication", mode]
-                .map(String::from)
-                .to_vec();
+            let mode = if strategy == "replicated-all" {
+                "all"
+            } else {
+                "backup"
+            };
+            let mut extra: Vec<String> = [
+                "--cluster-listen",
+                "127.0.0.1:0",
+                "--cluster-secret",
+                "tether-demo-secret",
+                "--replication",
+                mode,
+            ]
+            .map(String::from)
+            .to_vec();
             if let Some(seed) = seed {
                 extra.extend(["--peer".to_string(), format!("seed={seed}")]);
             }
             ("cluster", extra)
         }
         "local" | "sticky-ip" | "sticky-cookie" => ("memory", vec![]),
-        other => return Err(format!("unknown strategy {other:?}: use {}", STRATEGIES.join(", "))),
+        other => {
+            return Err(format!(
+                "unknown strategy {other:?}: use {}",
+                STRATEGIES.join(", ")
+            ))
+        }
     };
     let mut args = node_args(id, store);
     if let Some(i) = args.iter().position(|a| a == "127.0.0.1:0") {
@@ -189,7 +209,11 @@ async fn start_fleet(bin: &Path, strategy: &str, redis: Option<&str>) -> Result<
         let seed = nodes.first().and_then(|n| n.addrs().get(1).copied());
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
         let (args, announced) = strategy_node_args(strategy, id, any, seed, dir.path(), redis)?;
-        nodes.push(Process::spawn_n(bin, &args, announced).await.map_err(|e| e.to_string())?);
+        nodes.push(
+            Process::spawn_n(bin, &args, announced)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
     // Every node ready (a cluster node once it holds its share).
     wait_ready(&nodes.iter().collect::<Vec<_>>(), 3).await?;

@@ -6,3 +6,4 @@
 pub mod demo;
 pub mod node;
 pub mod report;
+pub mod up;

@@ -29,6 +29,24 @@ enum Command {
     Lb(Box<LbArgs>),
     /// Print a new HS256 key file for `node --store jwt --jwt-key-file`.
     JwtKeygen(KeygenArgs),
+    /// Keep a fleet running with a dashboard (kill and restart nodes, watch requests).
+    Up(UpArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// local, sticky-ip, sticky-cookie, replicated-all, replicated-backup, redis or jwt.
+    #[arg(long, default_value = "replicated-backup")]
+    strategy: String,
+    /// Where the app (the load balancer) listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the dashboard listens.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    dashboard: SocketAddr,
+    /// Use this Redis instead of starting a private redis-server.
+    #[arg(long)]
+    redis_url: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -247,6 +265,25 @@ fn run() -> anyhow::Result<ExitCode> {
             Command::Node(args) => node(*args).await,
             Command::Demo(args) => demo(args).await,
             Command::Lb(args) => lb(*args).await,
+            Command::Up(args) => {
+                anyhow::ensure!(
+                    tether_cli::demo::STRATEGIES.contains(&args.strategy.as_str()),
+                    "--strategy {:?}: use {}",
+                    args.strategy,
+                    tether_cli::demo::STRATEGIES.join(", ")
+                );
+                let bin = std::env::current_exe().context("locating the tether executable")?;
+                let config = tether_cli::up::UpConfig {
+                    strategy: args.strategy,
+                    listen: args.listen,
+                    dashboard: args.dashboard,
+                    redis_url: args.redis_url,
+                };
+                tether_cli::up::run(bin, config, shutdown_signal()?)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("tether up: {e}"))?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::JwtKeygen(args) => {
                 print!("{}", tether_jwt::generate_hs256_key_file(&args.kid));
                 Ok(ExitCode::SUCCESS)

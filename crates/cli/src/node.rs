@@ -113,6 +113,8 @@ pub struct Node {
     memory: Option<Arc<MemoryStore>>,
     revocation: Option<tether_jwt::Revocation>,
     cluster: Option<Arc<tether_cluster::ClusterStore>>,
+    /// Where sessions live, for the pages.
+    store_kind: &'static str,
 }
 
 impl Node {
@@ -203,6 +205,11 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         memory,
         revocation,
         cluster,
+        store_kind: match &config.store {
+            StoreSpec::Redis(_) => "in Redis, shared by every node",
+            StoreSpec::Jwt => "in your browser's signed token: no server holds it",
+            _ => "on this node",
+        },
     };
     let mut router = Router::new()
         .route("/", get(mypage))
@@ -413,11 +420,21 @@ async fn mypage(
     Ok(match member {
         Some(member) if html => {
             let cart: Vec<String> = session.get("cart").await?.unwrap_or_default();
+            let id = session.id().await?;
+            let lives = match (&node.cluster, id, &node.memory) {
+                (Some(c), Some(id), _) => {
+                    format!("replicated on {} (owner first)", c.holders(&id).join(", "))
+                }
+                (None, _, Some(_)) => format!("in the memory of node {} only", node.id),
+                _ => node.store_kind.to_string(),
+            };
             let body = format!(
                 "<p>logged in as member <b id=\"member\">{member}</b></p>\
+                 <p>session stored <span id=\"where\">{}</span></p>\
                  <h2>cart</h2>{}\
                  <form method=\"post\" action=\"/cart\"><input name=\"item\" value=\"book\"> <button>add</button></form>\
                  <form method=\"post\" action=\"/logout\"><button>log out</button></form>",
+                escape(&lives),
                 cart_list(&cart)
             );
             page(&node.id, "my page", &body).into_response()

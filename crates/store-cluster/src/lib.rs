@@ -318,6 +318,11 @@ impl ClusterStore {
         })
     }
 
+    /// The nodes that should hold session `id`, owner first.
+    pub fn holders(&self, id: &SessionId) -> Vec<String> {
+        self.node.replica_set(id)
+    }
+
     /// This node's own copy of session `id`, if it holds one (no routing:
     /// for inspecting replicas).
     pub fn local_copy(&self, id: &SessionId) -> Option<Record> {
