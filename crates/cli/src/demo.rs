@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub redis_url: Option<String>,
     /// Only these strategies (all when empty).
     pub only: Vec<String>,
+    /// Draw a progress bar on stderr while the workload runs.
+    pub progress_bar: bool,
 }
 
 impl Default for DemoConfig {
@@ -53,6 +55,7 @@ impl Default for DemoConfig {
             concurrency: 32,
             redis_url: None,
             only: Vec::new(),
+            progress_bar: false,
         }
     }
 }
@@ -96,6 +99,9 @@ pub struct Row {
     pub p99_ms: f64,
     /// Requests per second over the workload.
     pub rps: f64,
+    /// Round trips to the external store per request (Redis row: commands
+    /// clients sent, counted by Redis; 0 where sessions never leave the nodes).
+    pub store_round_trips_per_request: Option<f64>,
     /// Replication messages per write (replicated rows).
     pub replication_messages_per_write: Option<f64>,
     /// Replication bytes per write (replicated rows).
@@ -301,6 +307,9 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     }
 
     // The workload, with node B killed half-way.
+    if let (true, Some(url)) = (strategy == "redis", redis) {
+        let _ = redis_command(url, &["CONFIG", "RESETSTAT"]).await;
+    }
     let total = config.users * config.requests;
     let done = Arc::new(AtomicUsize::new(0));
     let killed = Arc::new(AtomicBool::new(false));
@@ -405,6 +414,27 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
             Some((client, seen_out))
         }));
     }
+    let bar = config.progress_bar.then(|| {
+        let done = done.clone();
+        let name = strategy.to_string();
+        tokio::spawn(async move {
+            use std::io::Write as _;
+            loop {
+                let d = done.load(Ordering::Relaxed).min(total);
+                let filled = d * 30 / total.max(1);
+                eprint!(
+                    "\r  {name:<18} [{}{}] {d}/{total} requests",
+                    "#".repeat(filled),
+                    ".".repeat(30 - filled)
+                );
+                let _ = std::io::stderr().flush();
+                if d >= total {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    });
     // Half-way: SIGKILL node B, as a crash would.
     let victim = &fleet.nodes[1];
     let half = total / 2;
@@ -423,6 +453,10 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         }
     }
     let elapsed = started.elapsed();
+    if let Some(bar) = bar {
+        bar.abort();
+        eprintln!();
+    }
     // Every user comes back once after the kill: users of the dead node
     // who had finished before it died find out now.
     let mut late = 0;
@@ -477,7 +511,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     row.requests_per_node = t.per_node;
 
     // What the surviving nodes hold and replicated.
-    let (mut messages, mut bytes, mut writes) = (0.0, 0.0, 0.0);
+    let (mut messages, mut bytes, mut writes, mut forwarded) = (0.0, 0.0, 0.0, 0.0);
     for (i, n) in fleet.nodes.iter().enumerate() {
         if i == 1 {
             continue;
@@ -502,12 +536,51 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
             messages += metric("tether_cluster_replication_messages_total");
             bytes += metric("tether_cluster_replication_bytes_total");
             writes += metric("tether_cluster_writes_total");
+            forwarded += metric("tether_cluster_forwarded_total");
         }
     }
     if strategy.starts_with("replicated") && writes > 0.0 {
         row.replication_messages_per_write = Some(messages / writes);
         row.replication_bytes_per_write = Some(bytes / writes);
     }
+    row.store_round_trips_per_request = match (strategy, redis) {
+        ("redis", Some(url)) => redis_command(url, &["INFO", "commandstats"])
+            .await
+            .map(|info| {
+                // Commands clients send; the commands our scripts run inside
+                // Redis are not round trips.
+                let sent: f64 = info
+                    .lines()
+                    .filter(|l| {
+                        [
+                            "cmdstat_evalsha:",
+                            "cmdstat_eval:",
+                            "cmdstat_del:",
+                            "cmdstat_wait:",
+                            "cmdstat_script",
+                        ]
+                        .iter()
+                        .any(|p| l.starts_with(p))
+                    })
+                    .filter_map(|l| {
+                        l.split("calls=")
+                            .nth(1)?
+                            .split(',')
+                            .next()?
+                            .parse::<f64>()
+                            .ok()
+                    })
+                    .sum();
+                // Logins, the workload, and the last check after the kill.
+                sent / (row.requests + 2 * row.users) as f64
+            }),
+        ("redis", None) => None,
+        // Hops to the owner on another node (the killed node's count is lost).
+        (s, _) if s.starts_with("replicated") => {
+            Some(forwarded / (row.requests + 2 * row.users) as f64)
+        }
+        _ => Some(0.0),
+    };
     row.note = match strategy {
         "redis" => "sessions in one shared Redis: nodes hold none".into(),
         "jwt" => "sessions in the clients' tokens: nodes hold none".into(),
@@ -518,6 +591,18 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     };
     drop(fleet);
     row
+}
+
+/// Sends one command to the Redis at `url` (for statistics) and returns its text answer.
+async fn redis_command(url: &str, args: &[&str]) -> Option<String> {
+    let client = tether_testkit::redis_client::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let mut cmd = tether_testkit::redis_client::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let v: tether_testkit::redis_client::Value = cmd.query_async(&mut conn).await.ok()?;
+    tether_testkit::redis_client::from_redis_value::<String>(v).ok()
 }
 
 /// Runs every strategy; `progress` is told about each start and finish.
@@ -623,6 +708,13 @@ pub fn render(rows: &[Row], config: &DemoConfig) -> String {
             Box::new(|r: &Row| {
                 r.replication_bytes_per_write
                     .map_or("-".into(), |v| format!("{v:.0}"))
+            }),
+        ),
+        (
+            "store round trips / request",
+            Box::new(|r: &Row| {
+                r.store_round_trips_per_request
+                    .map_or("-".into(), |v| format!("{v:.2}"))
             }),
         ),
         (

@@ -424,6 +424,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         requests: args.requests,
         redis_url: args.redis_url,
         only: args.only,
+        progress_bar: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ..Default::default()
     };
     let quiet = args.json;

@@ -594,6 +594,12 @@ async fn metrics(State(node): State<Node>) -> Response {
             get(&m.ack_failures),
         );
         line(
+            "tether_cluster_forwarded_total",
+            "counter",
+            "Operations sent to the session's owner on another node.",
+            get(&m.forwarded),
+        );
+        line(
             "tether_cluster_sessions_owned",
             "gauge",
             "Sessions this node owns.",

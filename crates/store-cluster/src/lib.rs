@@ -148,6 +148,8 @@ pub struct Metrics {
     pub acks: AtomicU64,
     /// Writes that failed for want of acknowledgements.
     pub ack_failures: AtomicU64,
+    /// Operations sent to another node because this one does not own the session.
+    pub forwarded: AtomicU64,
 }
 
 /// What became of one replication message.
@@ -442,6 +444,7 @@ impl Node {
             if candidate == self.me() {
                 return Ok(self.clone().handle(req).await);
             }
+            self.metrics.forwarded.fetch_add(1, Ordering::Relaxed);
             match self
                 .call(&candidate, req.clone(), self.config.ack_timeout * 2)
                 .await
