@@ -455,7 +455,12 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     let elapsed = started.elapsed();
     if let Some(bar) = bar {
         bar.abort();
-        eprintln!();
+        let d = done.load(Ordering::Relaxed);
+        eprintln!(
+            "\r  {strategy:<18} [{}] {d}/{total} requests, node B killed at {}",
+            "#".repeat(30),
+            total / 2
+        );
     }
     // Every user comes back once after the kill: users of the dead node
     // who had finished before it died find out now.
