@@ -14,19 +14,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tether_bench::arg;
 use tether_cluster::{ClusterConfig, ClusterStore, Replication};
 use tether_core::testing::{json, record_with};
 use tether_core::{Delta, Load, SessionId, SessionStore, Timestamp};
 use tether_testkit::eventually;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 async fn cluster(n: usize, replication: Replication) -> Vec<ClusterStore> {
     let mut nodes: Vec<ClusterStore> = Vec::new();

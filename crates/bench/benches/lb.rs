@@ -16,18 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tether_bench::{median, wrk, WrkResult};
+use tether_bench::{arg, median, wrk, WrkResult};
 use tether_testkit::{eventually, free_port, lb_args, node_args, Client, Process};
 use tokio::process::{Child, Command};
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn tether_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TETHER_BIN") {

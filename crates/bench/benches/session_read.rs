@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{median, wrk, WrkResult};
+use tether_bench::{arg, median, wrk, WrkResult};
 use tether_testkit::Client;
 
 fn tether_app() -> Router {
@@ -80,15 +80,6 @@ type Peer = (
     Box<dyn FnOnce() -> Router + Send>,
     &'static str,
 );
-
-fn arg(name: &str, default: u32) -> u32 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let seconds = arg("--seconds", 5);

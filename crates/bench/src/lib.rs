@@ -87,6 +87,16 @@ pub async fn wrk(
     parse_wrk(&text).ok_or_else(|| format!("unreadable wrk report:\n{text}"))
 }
 
+/// The value of `--name N` on the command line, or `default`.
+pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The median of `values` (which must not be empty).
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -468,23 +468,22 @@ impl Session {
                 }
                 r
             }
-            None => {
-                let mut r = Record::new(
-                    id.unwrap_or_else(SessionId::random),
-                    now,
-                    self.inner.config.expiry,
-                );
-                for (k, v) in &delta.changes {
-                    if let Some(v) = v {
-                        r.attributes.insert(k.clone(), v.clone());
-                    }
-                }
-                if let Some(idle) = delta.idle_ms {
-                    r.idle_ms = idle;
-                }
-                r
+            None => self.new_record(delta, id.unwrap_or_else(SessionId::random)),
+        }
+    }
+
+    /// A new session `id` holding the sets (and idle change) of `delta`.
+    fn new_record(&self, delta: &Delta, id: SessionId) -> Record {
+        let mut r = Record::new(id, self.inner.now, self.inner.config.expiry);
+        for (k, v) in &delta.changes {
+            if let Some(v) = v {
+                r.attributes.insert(k.clone(), v.clone());
             }
         }
+        if let Some(idle) = delta.idle_ms {
+            r.idle_ms = idle;
+        }
+        r
     }
 
     /// Stateless save: sign a new token when anything changed or the sliding
@@ -659,19 +658,7 @@ impl Session {
 
     /// Creates a new session from the sets in `delta`; nothing if it sets nothing.
     async fn create(&self, delta: &Delta, id: Option<SessionId>) -> Result<Outcome, StoreError> {
-        let mut record = Record::new(
-            id.unwrap_or_else(|| self.fresh_id()),
-            self.inner.now,
-            self.inner.config.expiry,
-        );
-        for (key, value) in &delta.changes {
-            if let Some(value) = value {
-                record.attributes.insert(key.clone(), value.clone());
-            }
-        }
-        if let Some(idle) = delta.idle_ms {
-            record.idle_ms = idle;
-        }
+        let mut record = self.new_record(delta, id.unwrap_or_else(|| self.fresh_id()));
         // No removal cookie for a stale ID here: a concurrent request may
         // just have rotated it, and removing the cookie would log the user out.
         if record.attributes.is_empty() {
