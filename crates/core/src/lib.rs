@@ -4,7 +4,7 @@
 //! This crate does no network I/O. The HTTP side (cookies, the axum
 //! extractor) lives in the `tether` crate; Redis and the replicated cluster
 //! store live in their own crates and pass the same conformance suite
-//! ([`testing`], feature `testing`).
+//! (`testing`, feature `testing`).
 //!
 //! # Life cycle of a session in a store
 //! 1. [`SessionStore::create`] inserts a [`Record`] if its [`SessionId`] is free

@@ -118,7 +118,7 @@ impl Load {
 /// Every method is one atomic step against the store. Times come from the
 /// caller; a store must treat a session whose [`Record::expires_at`] is at or
 /// before the given time as absent, whatever its own eviction does.
-/// The conformance suite in [`crate::testing`] (feature `testing`) checks an
+/// The conformance suite in `tether_core::testing` (feature `testing`) checks an
 /// implementation against this contract.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {

@@ -12,7 +12,7 @@
 //!   nobody out.
 //! - **Revocation.** A token is valid until it expires unless a store says
 //!   otherwise: [`Revocation`] keeps denied token IDs (`jti`) and a per-user
-//!   "not before" time in any [`SessionStore`] (memory, Redis, cluster).
+//!   "not before" time in any [`tether_core::SessionStore`] (memory, Redis, cluster).
 //!   The check costs one store read per request, so it is optional.
 //! - **Size.** A token larger than the limit (default 3900 bytes, so the
 //!   cookie fits in 4 KB) is refused when an attribute is inserted, not
