@@ -169,10 +169,18 @@ pub async fn run(
 async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
     let status = up.lb.status();
     let mut nodes = Vec::new();
-    for s in up.slots.lock().await.iter() {
-        let running = s.process.is_some();
+    // Copy what is needed and let go of the lock: a slow node must not hold
+    // up the kill and restart buttons.
+    let slots: Vec<(&'static str, SocketAddr, bool)> = up
+        .slots
+        .lock()
+        .await
+        .iter()
+        .map(|s| (s.id, s.http, s.process.is_some()))
+        .collect();
+    for (id, http, running) in slots {
         let stats = if running {
-            match Client::new().get(&format!("http://{}/stats", s.http)).await {
+            match Client::new().get(&format!("http://{}/stats", http)).await {
                 Ok(r) => r.json().unwrap_or_default(),
                 Err(_) => serde_json::Value::Null,
             }
@@ -181,7 +189,7 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
         };
         let metrics = if running {
             Client::new()
-                .get(&format!("http://{}/metrics", s.http))
+                .get(&format!("http://{}/metrics", http))
                 .await
                 .map(|r| r.text())
                 .unwrap_or_default()
@@ -194,11 +202,11 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
         let lb_state = status["backends"]
             .as_array()
-            .and_then(|b| b.iter().find(|b| b["id"] == s.id))
+            .and_then(|b| b.iter().find(|b| b["id"] == id))
             .map(|b| b["state"].clone())
             .unwrap_or_default();
         nodes.push(json!({
-            "id": s.id,
+            "id": id,
             "running": running,
             "balancer_state": lb_state,
             "sessions": stats["sessions"],

@@ -16,7 +16,13 @@
 //! default), answers only after `k` backups (all others in `all` mode)
 //! acknowledged it; a backup that cannot be reached is replaced by the next
 //! node of the preference list, and if too few acknowledge in time the write
-//! fails with a clear error instead of pretending success. `Ack::Async`
+//! fails with a clear error instead of pretending success. Such an error
+//! does not mean "not written": the owner keeps the write (as Tomcat's
+//! DeltaManager does), so a client retrying a create may get a collision.
+//! A forwarded operation falls back to the next node only when the owner
+//! refuses connections (it is down): an owner that is merely slow may still
+//! apply the request, and a second acting owner would apply it twice, so
+//! the client gets 503 instead. `Ack::Async`
 //! answers at once: a write acknowledged to the client can then be lost if
 //! the owner dies within the replication delay (a few milliseconds on a LAN).
 //!
@@ -27,6 +33,10 @@
 //! that (re)joins receives what it now owns. Each node then tells its peers
 //! it is done; a node reports ready ([`ClusterStore::is_ready`]) once every
 //! live peer has.
+//!
+//! Deletions leave tombstones (at least 2 minutes, or as long as the
+//! session could have lived), so a copy sent before a logout, or by a
+//! rebalance, cannot bring the session back.
 //!
 //! # Anti-entropy
 //! Every 5 s each owner compares, with every peer, per-segment digests (64
@@ -152,6 +162,10 @@ pub struct Metrics {
     pub forwarded: AtomicU64,
 }
 
+/// Deletions are remembered at least this long, so a copy in flight or in
+/// a rebalance cannot bring a deleted (logged-out) session back.
+const TOMBSTONE_MIN: Duration = Duration::from_secs(120);
+
 /// What became of one replication message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sent {
@@ -179,6 +193,7 @@ struct Node {
     metrics: Metrics,
     synced_from: Mutex<HashSet<String>>,
     ready: AtomicBool,
+    rebalancing: tokio::sync::Mutex<()>,
 }
 
 /// A [`SessionStore`] replicated among the servers.
@@ -220,6 +235,9 @@ pub enum StartError {
     /// Gossip could not start.
     #[error("cannot start gossip: {0}")]
     Gossip(String),
+    /// The settings cannot work.
+    #[error("invalid cluster settings: {0}")]
+    Config(String),
 }
 
 fn unavailable(msg: impl Into<String>) -> StoreError {
@@ -233,6 +251,14 @@ impl ClusterStore {
     /// # Errors
     /// If the port cannot be bound or gossip cannot start.
     pub async fn start(config: ClusterConfig) -> Result<Self, StartError> {
+        if config.max_size > wire::MAX_FRAME / 2 {
+            return Err(StartError::Config(format!(
+                "a session limit of {} bytes does not fit the replication frame limit ({} bytes); use at most {}",
+                config.max_size,
+                wire::MAX_FRAME,
+                wire::MAX_FRAME / 2
+            )));
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -294,6 +320,7 @@ impl ClusterStore {
             metrics: Metrics::default(),
             synced_from: Mutex::new(HashSet::new()),
             ready: AtomicBool::new(false),
+            rebalancing: tokio::sync::Mutex::new(()),
         });
         let mut tasks = vec![tokio::spawn(serve(node.clone(), listener))];
         let watcher = chitchat.chitchat().lock().await.live_nodes_watcher();
@@ -450,7 +477,15 @@ impl Node {
                 .await
             {
                 Ok(r) => return Ok(r),
-                Err(e) => last = e.to_string(),
+                // Refused: the owner is down, the next node acts as owner.
+                Err(e @ peer::CallError::Connect(_)) => last = e.to_string(),
+                // Slow or cut mid-request: it may still apply the request,
+                // so acting as owner here could apply it twice. Fail instead.
+                Err(e) => {
+                    return Err(unavailable(format!(
+                        "the session's owner did not answer: {e}"
+                    )))
+                }
             }
         }
         Err(unavailable(format!(
@@ -674,9 +709,21 @@ impl Node {
 
     /// Acting as owner: delete.
     async fn owner_delete(self: &Arc<Self>, id: SessionId) -> Result<bool, StoreError> {
-        let existed = lock(&self.replica).remove(&id, Timestamp::now()).is_some();
+        let now = Timestamp::now();
+        let (version, until, existed) = {
+            let mut replica = lock(&self.replica);
+            let old = replica.get(&id, now).cloned();
+            // Remember the deletion as long as the session could have lived.
+            let until = old.as_ref().map_or(now.plus(TOMBSTONE_MIN), |r| {
+                r.expires_at().max(now.plus(TOMBSTONE_MIN))
+            });
+            let version = old.as_ref().map_or(0, |r| r.version + 1);
+            let existed = replica.delete(&id, version, until, now).is_some();
+            (version, until, existed)
+        };
         self.metrics.writes.fetch_add(1, Ordering::Relaxed);
-        self.replicate(&id, Request::Remove(id), None).await?;
+        self.replicate(&id, Request::Remove(id, version, until), None)
+            .await?;
         Ok(existed)
     }
 
@@ -711,8 +758,8 @@ impl Node {
                 lock(&self.replica).touch(&id, last_access);
                 Response::Ok
             }
-            Request::Remove(id) => {
-                lock(&self.replica).remove(&id, Timestamp::now());
+            Request::Remove(id, version, until) => {
+                lock(&self.replica).delete(&id, version, until, Timestamp::now());
                 Response::Ok
             }
             Request::Synced => Response::Ok,
@@ -796,21 +843,44 @@ impl Node {
     /// After a membership change: send every held session to its current
     /// replica set, then tell every peer this node is done.
     async fn rebalance(self: Arc<Self>) {
-        let records = lock(&self.replica).snapshot();
-        let mut handed_off = Vec::new();
-        for (i, record) in records.into_iter().enumerate() {
-            let set = self.replica_set(&record.id);
-            for target in set.iter().filter(|n| *n != self.me()) {
+        // One pass at a time: a pass that started under an older view must
+        // not finish (and hand sessions off) after a newer one began.
+        let _pass = self.rebalancing.lock().await;
+        let (records, tombstones) = {
+            let replica = lock(&self.replica);
+            (replica.snapshot(), replica.tombstones())
+        };
+        for (id, version, until) in tombstones {
+            for target in self.replica_set(&id).iter().filter(|n| *n != self.me()) {
                 self.metrics.messages.fetch_add(1, Ordering::Relaxed);
                 let _ = self
                     .call(
                         target,
-                        Request::Put(record.clone()),
+                        Request::Remove(id, version, until),
                         self.config.ack_timeout,
                     )
                     .await;
             }
-            if !set.iter().any(|n| n == self.me()) {
+        }
+        let mut handed_off = Vec::new();
+        for (i, record) in records.into_iter().enumerate() {
+            let set = self.replica_set(&record.id);
+            let mut all_acked = true;
+            for target in set.iter().filter(|n| *n != self.me()) {
+                self.metrics.messages.fetch_add(1, Ordering::Relaxed);
+                let acked = matches!(
+                    self.call(
+                        target,
+                        Request::Put(record.clone()),
+                        self.config.ack_timeout
+                    )
+                    .await,
+                    Ok(Response::Ok)
+                );
+                all_acked &= acked;
+            }
+            // Handed off only once every node that should hold it has it.
+            if all_acked && !set.iter().any(|n| n == self.me()) {
                 handed_off.push(record.id);
             }
             // Batches: let request handling run between them.
@@ -821,8 +891,10 @@ impl Node {
         {
             let mut replica = lock(&self.replica);
             for id in handed_off {
-                // No longer ours to hold: the nodes that should have it do.
-                replica.remove(&id, Timestamp::now());
+                // Still not ours under the view as it is now?
+                if !self.replica_set(&id).iter().any(|n| n == self.me()) {
+                    replica.remove(&id, Timestamp::now());
+                }
             }
         }
         let peers: Vec<String> = read(&self.view)
@@ -938,6 +1010,11 @@ async fn serve(node: Arc<Node>, listener: TcpListener) {
                         break;
                     }
                 };
+                if tx.is_closed() {
+                    // The writer died (the socket failed): answers could
+                    // not be sent, so stop taking requests on this connection.
+                    break;
+                }
                 if frame.v != wire::VERSION {
                     tracing::warn!(%peer, version = frame.v, "unsupported protocol version; closing");
                     break;

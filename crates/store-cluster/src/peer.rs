@@ -109,7 +109,12 @@ impl Peer {
         match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(CallError::Lost(self.addr)),
-            Err(_) => Err(CallError::Timeout(self.addr)),
+            Err(_) => {
+                // A connection that stopped answering is not trusted again:
+                // the next call opens a new one.
+                *self.tx.lock().await = None;
+                Err(CallError::Timeout(self.addr))
+            }
         }
     }
 }

@@ -29,6 +29,9 @@ pub fn segment(id: &SessionId) -> usize {
 #[derive(Debug, Default)]
 pub struct Replica {
     sessions: HashMap<SessionId, Record>,
+    /// Deleted sessions: (version of the deletion, until when to remember
+    /// it). A late copy of a deleted session must not bring it back.
+    tombstones: HashMap<SessionId, (u64, Timestamp)>,
 }
 
 impl Replica {
@@ -46,6 +49,13 @@ impl Replica {
     /// returns whether it was installed. Versions make duplicates and
     /// reordered full-record pushes harmless.
     pub fn put(&mut self, record: Record) -> bool {
+        if self
+            .tombstones
+            .get(&record.id)
+            .is_some_and(|(v, _)| *v > record.version)
+        {
+            return false;
+        }
         match self.sessions.get(&record.id) {
             Some(have) if have.version > record.version => false,
             Some(have)
@@ -90,10 +100,37 @@ impl Replica {
         self.sessions.remove(id).filter(|r| !r.is_expired(now))
     }
 
+    /// Deletes `id` for good: removes it and remembers the deletion (at
+    /// `version`, the deleted version + 1) until `until`, so a late or
+    /// re-sent copy cannot revive it. Returns the record if it was live.
+    pub fn delete(
+        &mut self,
+        id: &SessionId,
+        version: u64,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> Option<Record> {
+        let old = self.sessions.remove(id);
+        let version = version.max(old.as_ref().map_or(0, |r| r.version + 1));
+        let entry = self.tombstones.entry(*id).or_insert((version, until));
+        entry.0 = entry.0.max(version);
+        entry.1 = entry.1.max(until);
+        old.filter(|r| !r.is_expired(now))
+    }
+
+    /// The deletions remembered: (session, version, until).
+    pub fn tombstones(&self) -> Vec<(SessionId, u64, Timestamp)> {
+        self.tombstones
+            .iter()
+            .map(|(id, (v, t))| (*id, *v, *t))
+            .collect()
+    }
+
     /// Drops every session expired at `now`; returns how many.
     pub fn sweep(&mut self, now: Timestamp) -> usize {
         let before = self.sessions.len();
         self.sessions.retain(|_, r| !r.is_expired(now));
+        self.tombstones.retain(|_, (_, until)| *until > now);
         before - self.sessions.len()
     }
 
@@ -211,6 +248,22 @@ mod tests {
             Replicated::Gap
         );
         assert!(backup.get(&id, now).is_none());
+    }
+
+    #[test]
+    fn a_deleted_session_is_not_revived_by_a_late_copy() {
+        let now = Timestamp::now();
+        let mut backup = Replica::default();
+        let r = record_with(now, &[("a", "1")]);
+        backup.put(r.clone());
+        let until = Timestamp(now.0 + 60_000);
+        assert!(backup.delete(&r.id, r.version + 1, until, now).is_some());
+        // A rebalance pushes the copy it took before the delete.
+        assert!(!backup.put(r.clone()));
+        assert!(backup.get(&r.id, now).is_none());
+        // The tombstone is forgotten after its time.
+        backup.sweep(Timestamp(until.0 + 1));
+        assert!(backup.tombstones().is_empty());
     }
 
     #[test]

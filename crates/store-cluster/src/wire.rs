@@ -54,8 +54,9 @@ pub enum Request {
         /// When.
         last_access: Timestamp,
     },
-    /// Remove a session.
-    Remove(SessionId),
+    /// Delete a session for good: the deletion's version, and until when
+    /// to remember it.
+    Remove(SessionId, u64, Timestamp),
     /// The sender finished re-replicating to this node for its current view.
     Synced,
     /// Anti-entropy: the digests of the sessions `owner` owns and the
@@ -81,7 +82,7 @@ impl Request {
     pub fn is_replication(&self) -> bool {
         matches!(
             self,
-            Self::Put(_) | Self::Delta { .. } | Self::Touch { .. } | Self::Remove(_)
+            Self::Put(_) | Self::Delta { .. } | Self::Touch { .. } | Self::Remove(..)
         )
     }
 }

@@ -270,3 +270,51 @@ async fn a_partition_splits_the_brain_and_healing_converges() {
         assert_eq!(r.attributes["side"].get(), "\"minority\"");
     }
 }
+
+/// Regression (found in review): a rebalance re-sent copies taken before a
+/// delete, bringing logged-out sessions back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_sessions_stay_deleted_when_a_node_joins() {
+    let (a, _b, _c) = cluster(Replication::Backup(1)).await;
+    let now = Timestamp::now();
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        let r = record_with(now, &[("a", "1")]);
+        a.create(&r).await.unwrap();
+        ids.push(r.id);
+    }
+    // A node joins (every node rebalances) while the sessions are deleted.
+    let seeds = [a.addr()];
+    let d = node("D", &seeds, Replication::Backup(1));
+    let deleting = async {
+        for id in &ids {
+            a.delete(id).await.unwrap();
+        }
+    };
+    let (d, ()) = tokio::join!(d, deleting);
+    eventually(Duration::from_secs(20), "four live nodes", || async {
+        (a.live_nodes().len() == 4 && d.is_ready()).then_some(())
+    })
+    .await
+    .unwrap();
+    for store in [&a, &d] {
+        for id in &ids {
+            assert!(
+                store
+                    .load(id, Load::at(Timestamp::now()))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "a deleted session came back"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_session_limit_that_cannot_fit_a_frame_is_refused_at_start() {
+    let mut config = ClusterConfig::new("A", "127.0.0.1:0".parse().unwrap(), SECRET);
+    config.max_size = 2 * 1024 * 1024;
+    let err = ClusterStore::start(config).await.unwrap_err().to_string();
+    assert!(err.contains("frame limit"), "{err}");
+}
