@@ -171,18 +171,24 @@ fn strip_cookie(headers: &mut HeaderMap, name: &str) {
     if cookie_value(headers, name).is_none() {
         return;
     }
-    let kept: Vec<String> = headers
+    // One buffer, no per-pair strings: this runs on every sticky request.
+    let mut kept = String::new();
+    for pair in headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|pair| !pair.is_empty() && pair.split_once('=').map(|(k, _)| k) != Some(name))
-        .map(str::to_string)
-        .collect();
+    {
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     headers.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_str(&kept) {
             headers.insert(header::COOKIE, v);
         }
     }
@@ -376,7 +382,8 @@ async fn forward(
         *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers.clone();
         let guard = InFlight::new(&member.stats);
-        let sent = Instant::now();
+        // The first try starts now; a later one reads the clock again.
+        let sent = if k == 0 { started } else { Instant::now() };
         let wait = per_try.min(if k == 0 {
             per_try
         } else {
