@@ -17,6 +17,28 @@ const COLORS: [RGBColor; 7] = [
 
 type Chart<'a> = Result<(), Box<dyn std::error::Error + 'a>>;
 
+type Frame<'a, 'b> = ChartContext<
+    'a,
+    SVGBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// A chart with the house style: a caption, margins, labelled axes.
+fn frame<'a, 'b>(
+    root: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<Frame<'a, 'b>, Box<dyn std::error::Error + 'static>> {
+    Ok(ChartBuilder::on(root)
+        .caption(caption, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x, y)
+        .map_err(|e| e.to_string())?)
+}
+
 fn latency_chart(rows: &[&Row], out: &mut String) -> Chart<'static> {
     let max = rows
         .iter()
@@ -24,15 +46,12 @@ fn latency_chart(rows: &[&Row], out: &mut String) -> Chart<'static> {
         .fold(0.1, f64::max);
     let root = SVGBackend::with_string(out, (720, 360)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Latency through the balancer, percentiles 0–99",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..100f64, 0f64..max * 1.05)?;
+    let mut chart = frame(
+        &root,
+        "Latency through the balancer, percentiles 0–99",
+        0f64..100f64,
+        0f64..max * 1.05,
+    )?;
     chart
         .configure_mesh()
         .x_desc("percentile")
@@ -69,15 +88,12 @@ fn nodes_chart(rows: &[&Row], out: &mut String) -> Chart<'static> {
         .unwrap_or(1) as f64;
     let root = SVGBackend::with_string(out, (720, 360)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Requests served per node (B was killed half-way)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0f64..rows.len() as f64, 0f64..max * 1.1)?;
+    let mut chart = frame(
+        &root,
+        "Requests served per node (B was killed half-way)",
+        0f64..rows.len() as f64,
+        0f64..max * 1.1,
+    )?;
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -112,15 +128,12 @@ fn logout_chart(rows: &[&Row], out: &mut String) -> Chart<'static> {
     let users = rows.iter().map(|r| r.users).max().unwrap_or(1) as f64;
     let root = SVGBackend::with_string(out, (720, 360)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Users logged out over time (kill at 0 ms)",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(50)
-        .build_cartesian_2d(lo * 1.05..hi * 1.05, 0f64..users)?;
+    let mut chart = frame(
+        &root,
+        "Users logged out over time (kill at 0 ms)",
+        lo * 1.05..hi * 1.05,
+        0f64..users,
+    )?;
     chart
         .configure_mesh()
         .x_desc("ms from the kill")
@@ -162,15 +175,12 @@ fn sweep_chart(sweep: &[SweepRow], out: &mut String) -> Chart<'static> {
         .fold(1.0, f64::max);
     let root = SVGBackend::with_string(out, (720, 360)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Replication messages per write against cluster size",
-            ("sans-serif", 18),
-        )
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(50)
-        .build_cartesian_2d(1f64..max_n + 0.5, 0f64..max_m * 1.15)?;
+    let mut chart = frame(
+        &root,
+        "Replication messages per write against cluster size",
+        1f64..max_n + 0.5,
+        0f64..max_m * 1.15,
+    )?;
     chart
         .configure_mesh()
         .x_desc("nodes")

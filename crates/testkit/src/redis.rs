@@ -140,34 +140,15 @@ impl RedisServer {
 }
 
 fn spawn(dir: &Path, port: u16, extra: &[&str]) -> Result<Child> {
-    let mut cmd = Command::new("redis-server");
-    cmd.arg("--port")
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches only this child.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            "redis-server not found on PATH: install it with `apt-get install -y redis-server` (scripts/test does)".into()
-        } else {
-            format!("spawn redis-server: {e}").into()
-        }
-    })
+    let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+    args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+    args.extend(["--dir".into(), dir.display().to_string()]);
+    args.extend([
+        "--logfile".into(),
+        dir.join("redis.log").display().to_string(),
+    ]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    spawn_program("redis-server", &args)
 }
 
 /// Whether a Redis server answers `PING` on 127.0.0.1:`port`.
@@ -186,7 +167,7 @@ pub async fn ping(port: u16) -> bool {
         .unwrap_or(false)
 }
 
-/// `redis-server` or `redis-sentinel` with PR_SET_PDEATHSIG, killed on drop.
+/// `redis-server` or `redis-sentinel`, killed on drop and with its parent.
 fn spawn_program(program: &str, args: &[String]) -> Result<Child> {
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -194,17 +175,13 @@ fn spawn_program(program: &str, args: &[String]) -> Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches only this child.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    crate::process::die_with_parent(&mut cmd);
     cmd.spawn().map_err(|e| {
-        format!("spawn {program}: {e} (scripts/test installs redis-server and redis-sentinel)")
-            .into()
+        if e.kind() == std::io::ErrorKind::NotFound {
+            format!("{program} not found on PATH: install it with `apt-get install -y redis-server redis-sentinel` (scripts/test does)").into()
+        } else {
+            format!("spawn {program}: {e}").into()
+        }
     })
 }
 
