@@ -54,9 +54,11 @@
 //!
 //! # Wire
 //! TCP, length-delimited JSON frames with a version, at most 1 MiB, after a
-//! mutual HMAC-SHA256 handshake on the cluster secret. The gossip's cluster
-//! ID is derived from the secret too, so a stranger cannot join it.
+//! mutual HMAC-SHA256 handshake on the cluster secret. Gossip datagrams
+//! carry an HMAC tag keyed by the secret, so a stranger can neither join
+//! nor announce a fake member.
 
+mod gossip;
 mod peer;
 pub mod replica;
 pub mod wire;
@@ -68,7 +70,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chitchat::transport::UdpTransport;
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use futures_util::{SinkExt, StreamExt};
 use tether_core::placement;
@@ -301,10 +302,11 @@ impl ClusterStore {
             catchup_callback: None,
             extra_liveness_predicate: None,
         };
+        let transport = gossip::AuthUdp::new(&config.secret);
         let chitchat = spawn_chitchat(
             chitchat_config,
             vec![("repl".into(), listen.to_string())],
-            &UdpTransport,
+            &transport,
         )
         .await
         .map_err(|e| StartError::Gossip(format!("{e:#}")))?;

@@ -318,3 +318,46 @@ async fn a_session_limit_that_cannot_fit_a_frame_is_refused_at_start() {
     let err = ClusterStore::start(config).await.unwrap_err().to_string();
     assert!(err.contains("frame limit"), "{err}");
 }
+
+/// A stranger that learned the cluster ID (it travels in every gossip
+/// datagram) but not the secret cannot announce itself as a member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_gossip_is_ignored() {
+    use hmac::{Hmac, KeyInit, Mac};
+    let (a, _b, _c) = cluster(Replication::Backup(1)).await;
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(SECRET).unwrap();
+    mac.update(b"tether-cluster-id");
+    let sniffed_id: String = mac.finalize().into_bytes()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let port = tether_testkit::free_port().unwrap();
+    let listen: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = chitchat::ChitchatConfig {
+        chitchat_id: chitchat::ChitchatId::new("intruder".into(), 1, listen),
+        cluster_id: sniffed_id,
+        gossip_interval: Duration::from_millis(50),
+        listen_addr: listen,
+        seed_nodes: vec![a.addr().to_string()],
+        failure_detector_config: Default::default(),
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+    };
+    let _intruder = chitchat::spawn_chitchat(
+        config,
+        vec![("repl".into(), listen.to_string())],
+        &chitchat::transport::UdpTransport,
+    )
+    .await
+    .unwrap();
+    // Give it many gossip rounds; it must never appear.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !a.live_nodes().contains(&"intruder".to_string()),
+            "an unauthenticated node joined"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
