@@ -73,7 +73,9 @@ impl Revocation {
                     .get("not_before")
                     .and_then(|v| v.get().parse::<u64>().ok())
                     .unwrap_or(0);
-                Ok(token.record.created.0 < not_before
+                // At or before: a session created in the same millisecond as
+                // "log out everywhere" is one it meant to end.
+                Ok(token.record.created.0 <= not_before
                     || entry.attributes.contains_key(&format!("jti:{jti}")))
             }
             None => Ok(self
