@@ -532,12 +532,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         }
         if let Ok(m) = Client::new().get(&n.url("/metrics")).await {
             let text = m.text();
-            let metric = |name: &str| {
-                text.lines()
-                    .find(|l| l.starts_with(name) && !l.starts_with('#'))
-                    .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .unwrap_or(0.0)
-            };
+            let metric = |name: &str| metric(&text, name);
             messages += metric("tether_cluster_replication_messages_total");
             bytes += metric("tether_cluster_replication_bytes_total");
             writes += metric("tether_cluster_writes_total");
@@ -789,7 +784,8 @@ pub struct SweepRow {
     pub write_p99_ms: f64,
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+/// The value of metric `name` in Prometheus text (0 when absent).
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

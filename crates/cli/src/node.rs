@@ -557,66 +557,71 @@ async fn metrics(State(node): State<Node>) -> Response {
         let m = c.metrics();
         let (owned, backups, bytes) = c.holdings();
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-        line(
-            "tether_cluster_writes_total",
-            "counter",
-            "Writes applied by this node as owner.",
-            get(&m.writes),
-        );
-        line(
-            "tether_cluster_replication_messages_total",
-            "counter",
-            "Replication messages sent.",
-            get(&m.messages),
-        );
-        line(
-            "tether_cluster_replication_bytes_total",
-            "counter",
-            "Replication bytes sent.",
-            get(&m.bytes),
-        );
-        line(
-            "tether_cluster_ack_seconds_sum",
-            "counter",
-            "Time spent waiting for backups' acknowledgements.",
-            get(&m.ack_us) / 1e6,
-        );
-        line(
-            "tether_cluster_ack_seconds_count",
-            "counter",
-            "Acknowledgement waits.",
-            get(&m.acks),
-        );
-        line(
-            "tether_cluster_ack_failures_total",
-            "counter",
-            "Writes refused for want of acknowledgements.",
-            get(&m.ack_failures),
-        );
-        line(
-            "tether_cluster_forwarded_total",
-            "counter",
-            "Operations sent to the session's owner on another node.",
-            get(&m.forwarded),
-        );
-        line(
-            "tether_cluster_sessions_owned",
-            "gauge",
-            "Sessions this node owns.",
-            owned as f64,
-        );
-        line(
-            "tether_cluster_sessions_backup",
-            "gauge",
-            "Sessions this node holds as a backup.",
-            backups as f64,
-        );
-        line(
-            "tether_cluster_session_bytes",
-            "gauge",
-            "Attribute bytes held.",
-            bytes as f64,
-        );
+        let rows: [(&str, &str, &str, f64); 10] = [
+            (
+                "tether_cluster_writes_total",
+                "counter",
+                "Writes applied by this node as owner.",
+                get(&m.writes),
+            ),
+            (
+                "tether_cluster_replication_messages_total",
+                "counter",
+                "Replication messages sent.",
+                get(&m.messages),
+            ),
+            (
+                "tether_cluster_replication_bytes_total",
+                "counter",
+                "Replication bytes sent.",
+                get(&m.bytes),
+            ),
+            (
+                "tether_cluster_ack_seconds_sum",
+                "counter",
+                "Time spent waiting for backups' acknowledgements.",
+                get(&m.ack_us) / 1e6,
+            ),
+            (
+                "tether_cluster_ack_seconds_count",
+                "counter",
+                "Acknowledgement waits.",
+                get(&m.acks),
+            ),
+            (
+                "tether_cluster_ack_failures_total",
+                "counter",
+                "Writes refused for want of acknowledgements.",
+                get(&m.ack_failures),
+            ),
+            (
+                "tether_cluster_forwarded_total",
+                "counter",
+                "Operations sent to the session's owner on another node.",
+                get(&m.forwarded),
+            ),
+            (
+                "tether_cluster_sessions_owned",
+                "gauge",
+                "Sessions this node owns.",
+                owned as f64,
+            ),
+            (
+                "tether_cluster_sessions_backup",
+                "gauge",
+                "Sessions this node holds as a backup.",
+                backups as f64,
+            ),
+            (
+                "tether_cluster_session_bytes",
+                "gauge",
+                "Attribute bytes held.",
+                bytes as f64,
+            ),
+        ];
+        for (name, kind, help, value) in rows {
+            line(name, kind, help, value);
+        }
     }
     (
         [(

@@ -197,9 +197,8 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
             String::new()
         };
         let replication = metrics
-            .lines()
-            .find(|l| l.starts_with("tether_cluster_replication_messages_total{"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+            .contains("tether_cluster_replication_messages_total")
+            .then(|| crate::demo::metric(&metrics, "tether_cluster_replication_messages_total"));
         let lb_state = status["backends"]
             .as_array()
             .and_then(|b| b.iter().find(|b| b["id"] == id))

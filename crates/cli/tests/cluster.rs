@@ -64,6 +64,17 @@ async fn three(mode: &str) -> Vec<Process> {
     vec![a, b, c]
 }
 
+/// `tether lb --policy owner` in front of nodes A, B, C.
+async fn owner_balancer(nodes: &[Process]) -> Process {
+    let backends: Vec<(&str, SocketAddr)> = ["A", "B", "C"]
+        .into_iter()
+        .zip(nodes.iter().map(Process::addr))
+        .collect();
+    Process::spawn_n(bin(), &lb_args("owner", &backends), 2)
+        .await
+        .unwrap()
+}
+
 fn index(id: &str) -> usize {
     ["A", "B", "C"].iter().position(|x| *x == id).unwrap()
 }
@@ -71,14 +82,7 @@ fn index(id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owner_dies_and_the_user_stays_logged_in() {
     let mut nodes = three("backup").await;
-    let backends: Vec<(&str, SocketAddr)> = vec![
-        ("A", nodes[0].addr()),
-        ("B", nodes[1].addr()),
-        ("C", nodes[2].addr()),
-    ];
-    let lb = Process::spawn_n(bin(), &lb_args("owner", &backends), 2)
-        .await
-        .unwrap();
+    let lb = owner_balancer(&nodes).await;
     let user = Client::new();
     let login = user
         .post_json(&lb.url("/login"), &json!({"member": 7}))
@@ -158,14 +162,7 @@ async fn all_to_all_survives_two_of_three_nodes_dying() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_write_is_lost_when_a_node_dies() {
     let mut nodes = three("backup").await;
-    let backends: Vec<(&str, SocketAddr)> = vec![
-        ("A", nodes[0].addr()),
-        ("B", nodes[1].addr()),
-        ("C", nodes[2].addr()),
-    ];
-    let lb = Process::spawn_n(bin(), &lb_args("owner", &backends), 2)
-        .await
-        .unwrap();
+    let lb = owner_balancer(&nodes).await;
     let mut clients = Vec::new();
     for c in 0..9 {
         let client = Client::new();

@@ -60,6 +60,14 @@ impl Fleet {
         format!("http://{}{}", self.lb.addrs()[1], path)
     }
 
+    /// POSTs to the admin listener.
+    async fn admin_post(&self, path: &str) -> tether_testkit::Response {
+        Client::new()
+            .send(Method::POST, &self.admin(path), &[], Default::default())
+            .await
+            .unwrap()
+    }
+
     async fn status(&self) -> serde_json::Value {
         Client::new()
             .get(&self.admin("/status"))
@@ -366,15 +374,7 @@ async fn draining_keeps_bound_clients_and_takes_no_new_ones() {
         }
     }
     let on_a = on_a.unwrap();
-    let r = Client::new()
-        .send(
-            Method::POST,
-            &fleet.admin("/backends/A/drain"),
-            &[],
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let r = fleet.admin_post("/backends/A/drain").await;
     assert_eq!(r.json().unwrap()["state"], "draining");
     for c in 0..6 {
         assert_eq!(
@@ -385,25 +385,9 @@ async fn draining_keeps_bound_clients_and_takes_no_new_ones() {
     }
     let r = on_a.get(&fleet.url("/mypage")).await.unwrap();
     assert_eq!((r.status.as_u16(), r.node().unwrap().as_str()), (200, "A"));
-    let r = Client::new()
-        .send(
-            Method::POST,
-            &fleet.admin("/backends/Z/drain"),
-            &[],
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    let r = fleet.admin_post("/backends/Z/drain").await;
     assert_eq!(r.status, 404);
-    Client::new()
-        .send(
-            Method::POST,
-            &fleet.admin("/backends/A/undrain"),
-            &[],
-            Default::default(),
-        )
-        .await
-        .unwrap();
+    fleet.admin_post("/backends/A/undrain").await;
     assert_eq!(fleet.state("A").await, "up");
 }
 

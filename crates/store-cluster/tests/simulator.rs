@@ -128,18 +128,25 @@ impl Sim {
         r.id
     }
 
-    /// A sync write at the owner: acknowledged only if every backup applied it.
-    fn write(&mut self, id: SessionId, value: u64) {
+    /// Applies a write at the owner: the replica set, the delta and the new
+    /// version, or `None` if the owner does not hold the session.
+    fn apply_at_owner(&mut self, id: SessionId, value: u64) -> Option<(Vec<String>, Delta, u64)> {
         let set = self.replica_set(&id);
-        let owner = set[0].clone();
         let now = self.now;
         let mut d = Delta::default();
         d.set("n", json(&value.to_string()));
-        let Some(r) = self.nodes.get_mut(&owner).unwrap().get_mut(&id, now) else {
-            return;
-        };
+        let r = self.nodes.get_mut(&set[0]).unwrap().get_mut(&id, now)?;
         r.apply(&d, now);
         let version = r.version;
+        Some((set, d, version))
+    }
+
+    /// A sync write at the owner: acknowledged only if every backup applied it.
+    fn write(&mut self, id: SessionId, value: u64) {
+        let Some((set, d, version)) = self.apply_at_owner(id, value) else {
+            return;
+        };
+        let owner = set[0].clone();
         let mut acks = 0;
         for b in &set[1..] {
             if self.send_now(
@@ -161,19 +168,12 @@ impl Sim {
 
     /// An async write: the deltas go to the inbox, delivered later in any order.
     fn write_async(&mut self, id: SessionId, value: u64) {
-        let set = self.replica_set(&id);
-        let owner = set[0].clone();
-        let now = self.now;
-        let mut d = Delta::default();
-        d.set("n", json(&value.to_string()));
-        let Some(r) = self.nodes.get_mut(&owner).unwrap().get_mut(&id, now) else {
+        let Some((set, d, version)) = self.apply_at_owner(id, value) else {
             return;
         };
-        r.apply(&d, now);
-        let version = r.version;
         for b in &set[1..] {
             self.inbox.push_back((
-                owner.clone(),
+                set[0].clone(),
                 b.clone(),
                 Msg::Delta {
                     id,
