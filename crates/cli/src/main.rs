@@ -8,6 +8,11 @@ use anyhow::Context;
 use clap::{ArgAction, Parser, Subcommand};
 use tether_cli::node::{NodeConfig, StoreSpec};
 
+// glibc malloc returned and re-grew the heap with `brk` hundreds of times a
+// second under proxy load; mimalloc keeps per-thread pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keep users logged in behind a load balancer: every strategy, measured.
 #[derive(Parser, Debug)]
 #[command(name = "tether", version, about)]
