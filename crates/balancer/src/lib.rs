@@ -42,6 +42,7 @@
 
 mod admin;
 mod config;
+mod h1;
 mod health;
 mod pool;
 mod proxy;
@@ -57,13 +58,11 @@ pub use pool::{Histogram, Member, Pool, State, Stats};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -123,6 +122,10 @@ pub(crate) struct Shared {
     config_path: Option<PathBuf>,
     secret: Vec<u8>,
     health_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Set when the balancer stops: connections close once idle.
+    pub(crate) stopping: AtomicBool,
+    /// Wakes idle connections when `stopping` is set.
+    pub(crate) stop: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -337,6 +340,8 @@ impl Balancer {
             config_path,
             secret,
             health_tasks: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
         });
         Ok(Self {
             shared,
@@ -386,14 +391,9 @@ impl Balancer {
                     .await;
             });
         }
-        let limits = shared.current.load().config.limits.clone();
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(Config::ms(limits.header_timeout_ms))
-            .max_buf_size(limits.max_header_bytes)
-            .keep_alive(true);
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Every connection task holds a clone; when the last one is gone,
+        // `recv` below returns and the drain is over.
+        let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -407,14 +407,11 @@ impl Balancer {
                             continue;
                         }
                     };
-                    let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
-                    let service = service_fn(move |req| proxy::handle(shared.clone(), peer, req));
-                    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                    let alive = alive.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-                        }
+                        proxy::serve(shared, stream, peer).await;
+                        drop(alive);
                     });
                 }
                 () = &mut shutdown => break,
@@ -422,11 +419,14 @@ impl Balancer {
         }
         drop(listener);
         let _ = stop_admin.send(true);
-        tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(Duration::from_secs(10)) => {
-                tracing::warn!("in-flight requests still running after 10 s; closing them");
-            }
+        shared.stopping.store(true, Ordering::Relaxed);
+        shared.stop.notify_waiters();
+        drop(alive);
+        if tokio::time::timeout(Duration::from_secs(10), all_closed.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests still running after 10 s; closing them");
         }
         for t in shared
             .health_tasks

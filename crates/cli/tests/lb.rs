@@ -637,3 +637,188 @@ async fn a_streamed_body_fails_over_when_the_first_backend_is_dead() {
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
 }
+
+/// An in-process backend that reports what reached it.
+async fn echo_backend() -> tether_testkit::TestServer {
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/echo",
+            post(
+                |headers: http::HeaderMap, body: axum::body::Bytes| async move {
+                    let h = |n: &str| {
+                        headers
+                            .get_all(n)
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?").to_string())
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    };
+                    let sum: u64 = body.iter().map(|b| u64::from(*b)).sum();
+                    format!(
+                        "len={} sum={sum} xff={} te={} cookie={} expect={}",
+                        body.len(),
+                        h("x-forwarded-for"),
+                        h("transfer-encoding"),
+                        h("cookie"),
+                        h("expect")
+                    )
+                },
+            ),
+        )
+        .route("/big", get(|| async { vec![b'x'; 3_000_000] }))
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    tether_testkit::TestServer::serve(app).await.unwrap()
+}
+
+/// Sends `request` on a new connection and reads until the balancer closes it.
+async fn exchange_raw(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut reply))
+        .await
+        .expect("the balancer did not close the connection")
+        .unwrap();
+    reply
+}
+
+fn count(haystack: &[u8], needle: &str) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle.as_bytes())
+        .count()
+}
+
+#[tokio::test]
+async fn message_framing_survives_the_proxy_in_every_shape() {
+    let echo = echo_backend().await;
+    let mut args = lb_args("cookie", &[("E", echo.addr())]);
+    args.extend(["--health-path".into(), String::new()]);
+    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+
+    // Pipelined on one connection: a length-delimited POST, a HEAD whose
+    // response announces 3 MB it must not carry, and a chunked POST.
+    let reply = exchange_raw(
+        lb.addr(),
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nCookie: TETHER_ROUTE=forged; a=1\r\n\r\nhello\
+          HEAD /big HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nwor\r\n2\r\nld\r\n0\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert_eq!(count(&reply, "HTTP/1.1 200 OK\r\n"), 3, "{text}");
+    assert!(
+        text.contains("len=5 sum=532 xff=127.0.0.1 te= cookie=a=1 "),
+        "{text}"
+    );
+    assert!(
+        text.contains("len=5 sum=552 xff=127.0.0.1 te=chunked"),
+        "{text}"
+    );
+    assert!(text.contains("content-length: 3000000"), "{text}");
+    assert!(reply.len() < 10_000, "the HEAD response carried a body");
+
+    // Bodies larger than the retry buffer stream through intact, both ways.
+    let big = vec![b'a'; 2_000_000];
+    let mut req =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    req.extend_from_slice(&big);
+    let text = String::from_utf8_lossy(&exchange_raw(lb.addr(), &req).await).to_string();
+    assert!(text.contains("len=2000000 sum=194000000 "), "{text}");
+    let mut req = b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for piece in big.chunks(65_000) {
+        req.extend_from_slice(format!("{:x};ext=1\r\n", piece.len()).as_bytes());
+        req.extend_from_slice(piece);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\nX-Trailer: t\r\n\r\n");
+    let text = String::from_utf8_lossy(&exchange_raw(lb.addr(), &req).await).to_string();
+    assert!(text.contains("len=2000000 sum=194000000 "), "{text}");
+    let reply = exchange_raw(
+        lb.addr(),
+        b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body_at = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(reply.len() - body_at, 3_000_000);
+    assert!(reply[body_at..].iter().all(|b| *b == b'x'));
+
+    // Expect: 100-continue is answered by the balancer before the body is sent.
+    let mut s = TcpStream::connect(lb.addr()).await.unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut interim))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("len=5 sum=532") && text.ends_with("expect="),
+        "{text}"
+    );
+
+    // A request that could desynchronise the balancer and the backend is
+    // refused and the connection closed: what follows is never served.
+    for smuggle in [
+        &b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 44\r\n\r\nhelloGET /big HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let reply = exchange_raw(lb.addr(), smuggle).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+        assert_eq!(count(&reply, "HTTP/1.1 "), 1, "{text}");
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_response_is_dechunked_for_an_http_1_0_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // One answer per request head on a kept-alive connection.
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+                    if s.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut args = lb_args("round-robin", &[("C", addr)]);
+    args.extend(["--health-path".into(), String::new()]);
+    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    let reply = exchange_raw(lb.addr(), b"GET / HTTP/1.0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(
+        text.contains("Connection: close\r\n") && !text.to_ascii_lowercase().contains("chunked"),
+        "{text}"
+    );
+    assert!(text.ends_with("\r\n\r\nhello world"), "{text}");
+    let reply = exchange_raw(
+        lb.addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+        "{text}"
+    );
+}

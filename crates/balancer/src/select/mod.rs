@@ -15,8 +15,6 @@ pub use load::{smooth_weighted_sequence, LeastConn, PowerOfTwo, RoundRobin};
 
 use std::net::IpAddr;
 
-use http::HeaderMap;
-
 use crate::config::{Config, ConfigError, HashKey, PolicyKind};
 use crate::pool::Pool;
 
@@ -26,7 +24,41 @@ pub struct RequestInfo<'a> {
     /// The client's address (after trusted `X-Forwarded-For`).
     pub client_ip: IpAddr,
     /// The request headers.
-    pub headers: &'a HeaderMap,
+    pub headers: Headers<'a>,
+}
+
+/// A request's header fields as they arrived, in order (names compare
+/// case-insensitively). The proxy parses heads in place and selection reads
+/// them there: no header map is built per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Headers<'a> {
+    fields: &'a [httparse::Header<'a>],
+}
+
+impl<'a> Headers<'a> {
+    /// A view of parsed header fields.
+    pub fn new(fields: &'a [httparse::Header<'a>]) -> Self {
+        Self { fields }
+    }
+
+    /// Every value of field `name`, in order.
+    pub fn get_all<'n>(self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + 'n
+    where
+        'a: 'n,
+    {
+        self.fields
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// The first value of field `name`.
+    pub fn get(self, name: &str) -> Option<&'a [u8]> {
+        self.fields
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
 }
 
 /// A policy's answer.
@@ -48,11 +80,10 @@ pub trait Select: Send + Sync {
 }
 
 /// The value of cookie `name` in the request, if present.
-pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn cookie_value<'a>(headers: Headers<'a>, name: &str) -> Option<&'a str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .get_all("cookie")
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
@@ -116,7 +147,7 @@ pub(crate) fn key_bytes<'a>(
 ) -> Option<&'a [u8]> {
     match key {
         HashKey::Cookie(name) => cookie_value(req.headers, name).map(str::as_bytes),
-        HashKey::Header(name) => req.headers.get(name).map(http::HeaderValue::as_bytes),
+        HashKey::Header(name) => req.headers.get(name.as_str()),
         HashKey::Ip => {
             let n = match req.client_ip {
                 IpAddr::V4(v4) => {
