@@ -203,7 +203,12 @@ impl Pool {
 
     /// Milliseconds since the balancer started (the clock of ejections).
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        self.ms_at(Instant::now())
+    }
+
+    /// [`Pool::now_ms`] for an instant the caller already read.
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The index of backend `id`.

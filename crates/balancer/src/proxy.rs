@@ -182,6 +182,7 @@ fn plan_request(
     peer: IpAddr,
     g: &Generation,
     watched: bool,
+    now: Instant,
 ) -> Result<Plan, Reply> {
     let config = &g.config;
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
@@ -240,7 +241,7 @@ fn plan_request(
         },
         &g.pool,
     );
-    let now_ms = g.pool.now_ms();
+    let now_ms = g.pool.ms_at(now);
     let eject = Config::ms(config.health.eject_ms);
     let candidates: Vec<usize> = choice
         .order
@@ -565,7 +566,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, io: TcpStream, peer: SocketAddr) 
 impl Client {
     /// Sends `self.out`, giving up after [`SEND_TIMEOUT`].
     async fn send_out(&mut self) -> bool {
-        arm(&mut self.timer, Instant::now() + SEND_TIMEOUT);
+        self.send_out_by(Instant::now() + SEND_TIMEOUT).await
+    }
+
+    /// Sends `self.out`, giving up at `deadline`.
+    async fn send_out_by(&mut self, deadline: Instant) -> bool {
+        arm(&mut self.timer, deadline);
         matches!(
             timed(&mut self.timer, self.io.write_all(&self.out)).await,
             Some(Ok(()))
@@ -613,7 +619,7 @@ impl Client {
             )
         };
         arm(&mut self.timer, Instant::now() + header_timeout);
-        let (plan, g) = loop {
+        let (plan, g, now) = loop {
             if !self.buf.is_empty() {
                 let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut fields);
@@ -622,9 +628,11 @@ impl Client {
                     Ok(httparse::Status::Complete(n)) => {
                         let g = shared.current.load_full();
                         let watched = shared.events.receiver_count() > 0;
+                        let now = Instant::now();
+                        let peer = self.peer.ip();
                         Some(
-                            plan_request(&mut self.up, &req, n, self.peer.ip(), &g, watched)
-                                .map(|plan| (plan, g))
+                            plan_request(&mut self.up, &req, n, peer, &g, watched, now)
+                                .map(|plan| (plan, g, now))
                                 .map_err(|r| (r, n)),
                         )
                     }
@@ -690,13 +698,12 @@ impl Client {
             }
         };
         shared.totals.requests.fetch_add(1, Ordering::Relaxed);
-        self.forward(shared, &g, plan).await
+        self.forward(shared, &g, plan, now).await
     }
 
     /// Serves a planned request: body, tries, response.
-    async fn forward(&mut self, shared: &Shared, g: &Generation, plan: Plan) -> Next {
+    async fn forward(&mut self, shared: &Shared, g: &Generation, plan: Plan, now: Instant) -> Next {
         let config = &g.config;
-        let now = Instant::now();
         let limit = config.limits.buffer_body_bytes as u64;
         // Bodies up to the limit are buffered behind the head (one write,
         // and a retry can resend them); larger or chunked ones stream once.
@@ -814,7 +821,8 @@ impl Client {
             body_sent |= !buffered;
             match tried {
                 Tried::Answered(answer) => {
-                    stats.latency.observe(started.elapsed());
+                    let answered = Instant::now();
+                    stats.latency.observe(answered - started);
                     let class = usize::from(answer.status / 100).clamp(1, 5) - 1;
                     stats.responses[class].fetch_add(1, Ordering::Relaxed);
                     if answer.status >= 500 && config.health.passive_5xx {
@@ -826,7 +834,7 @@ impl Client {
                         stats.cookies_issued.fetch_add(1, Ordering::Relaxed);
                     }
                     self.event(shared, &plan, answer.status, answer.node.clone(), now);
-                    let next = self.relay(&mut up, &answer).await;
+                    let next = self.relay(&mut up, &answer, answered).await;
                     drop(guard);
                     if matches!(next, Relayed::Complete) && answer.reusable && up.buf.is_empty() {
                         stats.conns.checkin(up, now);
@@ -1063,7 +1071,7 @@ impl Client {
     }
 
     /// Sends the response head in `out` and relays the body after it.
-    async fn relay(&mut self, up: &mut Conn, answer: &Answer) -> Relayed {
+    async fn relay(&mut self, up: &mut Conn, answer: &Answer, mut clock: Instant) -> Relayed {
         let read_timeout = SEND_TIMEOUT;
         let mut left = match answer.framing {
             Framing::Length(n) => n,
@@ -1111,7 +1119,7 @@ impl Client {
             // Head and body go out together when the body is already here;
             // otherwise nothing is held back while waiting on the backend.
             if !self.out.is_empty() {
-                if !self.send_out().await {
+                if !self.send_out_by(clock + SEND_TIMEOUT).await {
                     return Relayed::Broken;
                 }
                 self.out.clear();
@@ -1119,9 +1127,10 @@ impl Client {
             if done {
                 return Relayed::Complete;
             }
-            arm(&mut self.timer, Instant::now() + read_timeout);
+            clock = Instant::now();
+            arm(&mut self.timer, clock + read_timeout);
             match timed(&mut self.timer, fill(&mut up.io, &mut up.buf)).await {
-                Some(Ok(n)) if n > 0 => {}
+                Some(Ok(n)) if n > 0 => clock = Instant::now(),
                 // A close ends a close-delimited body; any other body is cut.
                 Some(Ok(_)) if answer.framing == Framing::Close => return Relayed::Complete,
                 _ => return Relayed::Broken,
@@ -1157,9 +1166,17 @@ mod tests {
             panic!("incomplete head");
         };
         let mut up = Vec::new();
-        plan_request(&mut up, &req, n, peer.parse().unwrap(), g, false)
-            .map(|p| (String::from_utf8(up).unwrap(), p))
-            .map_err(|r| r.status)
+        plan_request(
+            &mut up,
+            &req,
+            n,
+            peer.parse().unwrap(),
+            g,
+            false,
+            Instant::now(),
+        )
+        .map(|p| (String::from_utf8(up).unwrap(), p))
+        .map_err(|r| r.status)
     }
 
     fn headers<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {

@@ -7,6 +7,8 @@
 //! with the same secret routes it the same way: there is no stick table to
 //! replicate between instances.
 
+use std::collections::HashMap;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
@@ -111,16 +113,51 @@ impl RouteCodec {
     }
 }
 
+/// Pools up to this size have every valid cookie value computed up front.
+const PRECOMPUTED_UP_TO: usize = 32;
+
 /// Route-cookie stickiness over round robin for new clients.
 #[derive(Debug)]
 pub struct CookiePolicy {
-    pub(crate) codec: RouteCodec,
-    pub(crate) fallback: RoundRobin,
+    codec: RouteCodec,
+    fallback: RoundRobin,
+    /// Every cookie value this configuration can issue, verified once: a
+    /// route cookie depends only on its (primary, backup) pair, so a few
+    /// values cover every client, and a lookup replaces an HMAC per request.
+    known: HashMap<String, Route>,
+}
+
+impl CookiePolicy {
+    /// The policy for `pool`, signing with `codec`.
+    pub fn new(codec: RouteCodec, pool: &Pool) -> Self {
+        let mut known = HashMap::new();
+        if pool.len() <= PRECOMPUTED_UP_TO {
+            let ids: Vec<&str> = pool.members.iter().map(|m| &*m.id).collect();
+            for primary in &ids {
+                let backups = ids.iter().filter(|b| *b != primary).map(|b| Some(*b));
+                for backup in std::iter::once(None).chain(backups) {
+                    let route = Route {
+                        primary: (*primary).to_string(),
+                        backup: backup.map(str::to_string),
+                    };
+                    known.insert(codec.encode(&route), route);
+                }
+            }
+        }
+        Self {
+            codec,
+            fallback: RoundRobin::new(pool),
+            known,
+        }
+    }
 }
 
 impl Select for CookiePolicy {
     fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice {
-        let route = cookie_value(req.headers, self.codec.name()).and_then(|v| self.codec.decode(v));
+        // Values not computed up front (a larger pool, a backup that left
+        // the configuration) are verified the slow way.
+        let route = cookie_value(req.headers, self.codec.name())
+            .and_then(|v| self.known.get(v).cloned().or_else(|| self.codec.decode(v)));
         // A cookie naming a backend that no longer exists is stale: treat it as absent.
         let primary = route.as_ref().and_then(|r| pool.index_of(&r.primary));
         let Some(primary) = primary else {
@@ -205,6 +242,64 @@ mod tests {
         ];
         for bad in cases {
             assert_eq!(c.decode(&bad), None, "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_policy_accepts_exactly_what_the_codec_verifies() {
+        use crate::config::Backend;
+        let ids = ["A", "B", "C"];
+        let backends: Vec<Backend> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Backend {
+                id: (*id).into(),
+                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+                weight: 1,
+            })
+            .collect();
+        let pool = Pool::new(&backends, None, std::time::Instant::now());
+        let policy = CookiePolicy::new(codec(), &pool);
+        assert_eq!(
+            policy.known.len(),
+            9,
+            "3 primaries x (no backup + 2 backups)"
+        );
+        let c = codec();
+        let good = c.encode(&Route {
+            primary: "C".into(),
+            backup: Some("A".into()),
+        });
+        let tag = good.rsplit_once('.').unwrap().1.to_string();
+        let choose = |value: &str| {
+            let cookie = format!("TETHER_ROUTE={value}");
+            let fields = [httparse::Header {
+                name: "Cookie",
+                value: cookie.as_bytes(),
+            }];
+            let req = RequestInfo {
+                client_ip: "127.0.0.1".parse().unwrap(),
+                headers: super::super::Headers::new(&fields),
+            };
+            policy.choose(&req, &pool)
+        };
+        let chosen = choose(&good);
+        assert_eq!((chosen.bound, &chosen.order[..2]), (Some(2), &[2, 0][..]));
+        // A backup outside the configuration is not precomputed: the codec
+        // still verifies it, and the primary holds.
+        let gone = c.encode(&Route {
+            primary: "B".into(),
+            backup: Some("Z".into()),
+        });
+        assert_eq!(choose(&gone).bound, Some(1));
+        for forged in [
+            format!("A.C.{tag}"),
+            format!("C.A.{tag}x"),
+            "C.A.".into(),
+            String::new(),
+        ] {
+            let chosen = choose(&forged);
+            assert_eq!((chosen.bound, chosen.route), (None, None), "{forged:?}");
         }
     }
 

@@ -9,7 +9,7 @@ mod cookie;
 mod hash;
 mod load;
 
-pub use cookie::{Route, RouteCodec};
+pub use cookie::{CookiePolicy, Route, RouteCodec};
 pub use hash::{nginx_ip_hash_order, Ring};
 pub use load::{smooth_weighted_sequence, LeastConn, PowerOfTwo, RoundRobin};
 
@@ -119,12 +119,12 @@ pub fn build(
             cookie: config.session_cookie.clone(),
             fallback: rr,
         }),
-        PolicyKind::Cookie => Box::new(cookie::CookiePolicy {
-            codec: codec
+        PolicyKind::Cookie => Box::new(cookie::CookiePolicy::new(
+            codec
                 .cloned()
                 .ok_or_else(|| ConfigError::Invalid("cookie policy without a codec".into()))?,
-            fallback: rr,
-        }),
+            pool,
+        )),
     })
 }
 
