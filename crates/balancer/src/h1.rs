@@ -108,24 +108,28 @@ pub(crate) fn request_framing(headers: &[Header<'_>], http10: bool) -> Result<Fr
     Ok(Framing::Chunked)
 }
 
-/// A response's body framing (RFC 9112 §6.3, items 1-7).
+/// A response's body framing (RFC 9112 §6.3, items 1-7). The balancer
+/// writes the framing fields itself, so it passes on only what it can
+/// frame: a transfer coding other than a lone `chunked` (which would have to
+/// reach the client as it is) and a coding from an HTTP/1.0 server (which
+/// cannot have one, RFC 9112 §6.1) are refused.
 pub(crate) fn response_framing(
     headers: &[Header<'_>],
     status: u16,
     head_request: bool,
+    http10: bool,
 ) -> Result<Framing, FrameError> {
     if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
         return Ok(Framing::Empty);
     }
-    let (count, last_chunked, _) = codings(headers);
+    let (count, _, only_chunked) = codings(headers);
     if count > 0 {
-        // A length beside a coding is ignored, as the RFC says; chunked last
-        // is delimited, anything else runs to the close.
-        return Ok(if last_chunked {
-            Framing::Chunked
+        // A length beside the coding is ignored, as the RFC says.
+        return if only_chunked && !http10 {
+            Ok(Framing::Chunked)
         } else {
-            Framing::Close
-        });
+            Err(FrameError::Coding)
+        };
     }
     Ok(match content_length(headers)? {
         Some(0) => Framing::Empty,
@@ -142,6 +146,8 @@ const MAX_TRAILERS: usize = 16 * 1024;
 enum Cs {
     #[default]
     Size,
+    /// Whitespace after the size: only more of it, `;` or CR may follow.
+    SizeWs,
     Ext,
     SizeLf,
     Data,
@@ -192,8 +198,21 @@ impl Chunks {
                         self.size = self.size * 16 + u64::from(d);
                         Cs::Size
                     }
-                    b';' | b' ' | b'\t' if self.digits > 0 => Cs::Ext,
+                    b';' if self.digits > 0 => Cs::Ext,
+                    b' ' | b'\t' if self.digits > 0 => Cs::SizeWs,
                     b'\r' if self.digits > 0 => Cs::SizeLf,
+                    _ => return Err(FrameError::Chunk),
+                },
+                Cs::SizeWs => match b {
+                    b' ' | b'\t' => {
+                        self.line += 1;
+                        if self.line > MAX_CHUNK_LINE {
+                            return Err(FrameError::Chunk);
+                        }
+                        Cs::SizeWs
+                    }
+                    b';' => Cs::Ext,
+                    b'\r' => Cs::SizeLf,
                     _ => return Err(FrameError::Chunk),
                 },
                 Cs::Ext => match b {
@@ -358,21 +377,27 @@ mod tests {
     fn response_framing_follows_the_rfc_order() {
         use Framing::*;
         let cl = h(&[("Content-Length", "5")]);
-        assert_eq!(response_framing(&cl, 200, false), Ok(Length(5)));
-        assert_eq!(response_framing(&cl, 200, true), Ok(Empty));
-        assert_eq!(response_framing(&cl, 304, false), Ok(Empty));
-        assert_eq!(response_framing(&cl, 204, false), Ok(Empty));
-        assert_eq!(response_framing(&[], 200, false), Ok(Close));
-        let te = h(&[
-            ("Transfer-Encoding", "gzip, chunked"),
-            ("Content-Length", "5"),
-        ]);
-        assert_eq!(response_framing(&te, 200, false), Ok(Chunked));
-        let gz = h(&[("Transfer-Encoding", "gzip")]);
-        assert_eq!(response_framing(&gz, 200, false), Ok(Close));
+        assert_eq!(response_framing(&cl, 200, false, false), Ok(Length(5)));
+        assert_eq!(response_framing(&cl, 200, true, false), Ok(Empty));
+        assert_eq!(response_framing(&cl, 304, false, false), Ok(Empty));
+        assert_eq!(response_framing(&cl, 204, false, false), Ok(Empty));
+        assert_eq!(response_framing(&[], 200, false, false), Ok(Close));
+        let te = h(&[("Transfer-Encoding", "chunked"), ("Content-Length", "5")]);
+        assert_eq!(response_framing(&te, 200, false, false), Ok(Chunked));
+        assert_eq!(
+            response_framing(&te, 200, false, true),
+            Err(FrameError::Coding)
+        );
+        for coding in ["gzip, chunked", "gzip"] {
+            let gz = h(&[("Transfer-Encoding", coding)]);
+            assert_eq!(
+                response_framing(&gz, 200, false, false),
+                Err(FrameError::Coding)
+            );
+        }
         let bad = h(&[("Content-Length", "5"), ("Content-Length", "6")]);
         assert_eq!(
-            response_framing(&bad, 200, false),
+            response_framing(&bad, 200, false, false),
             Err(FrameError::BadLength)
         );
     }
@@ -410,6 +435,8 @@ mod tests {
             b"4\r\nWiki\r\n0\r\n\n",
             b"10000000000000000\r\n",
             b"4 ;\x01\r\n",
+            b"5 6\r\n",
+            b"5 \"x\r\n",
         ] {
             assert_eq!(
                 scan_all(&[bad]),

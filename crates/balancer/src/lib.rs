@@ -391,9 +391,7 @@ impl Balancer {
                     .await;
             });
         }
-        // Every connection task holds a clone; when the last one is gone,
-        // `recv` below returns and the drain is over.
-        let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+        let mut connections = tokio::task::JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
@@ -407,26 +405,28 @@ impl Balancer {
                             continue;
                         }
                     };
-                    let shared = shared.clone();
-                    let alive = alive.clone();
-                    tokio::spawn(async move {
-                        proxy::serve(shared, stream, peer).await;
-                        drop(alive);
-                    });
+                    connections.spawn(proxy::serve(shared.clone(), stream, peer));
                 }
+                // Reap finished connections as they end.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 () = &mut shutdown => break,
             }
         }
         drop(listener);
         let _ = stop_admin.send(true);
+        // Idle connections close now; busy ones after their exchange.
         shared.stopping.store(true, Ordering::Relaxed);
         shared.stop.notify_waiters();
-        drop(alive);
-        if tokio::time::timeout(Duration::from_secs(10), all_closed.recv())
+        let drained = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(10), drained)
             .await
             .is_err()
         {
-            tracing::warn!("in-flight requests still running after 10 s; closing them");
+            tracing::warn!(
+                open = connections.len(),
+                "requests still running after 10 s; closing their connections"
+            );
+            connections.abort_all();
         }
         for t in shared
             .health_tasks

@@ -126,10 +126,11 @@ fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The origin-form target to send on: absolute-form is reduced to its path.
-fn origin_form<'a>(method: &str, target: &'a str) -> Option<&'a str> {
+/// The origin-form target to send on, and the authority of an
+/// absolute-form target (which replaces `Host`, RFC 9112 §3.2.2).
+fn origin_form<'a>(method: &str, target: &'a str) -> Option<(&'a str, Option<&'a str>)> {
     if target.starts_with('/') || (target == "*" && method == "OPTIONS") {
-        return Some(target);
+        return Some((target, None));
     }
     let lower = target.get(..8)?.to_ascii_lowercase();
     let rest = if lower.starts_with("http://") {
@@ -139,11 +140,17 @@ fn origin_form<'a>(method: &str, target: &'a str) -> Option<&'a str> {
     } else {
         return None;
     };
-    match rest.find(['/', '?']) {
-        Some(i) if rest.as_bytes()[i] == b'/' => Some(&rest[i..]),
-        // "http://host?q" has an empty path: RFC 9112 §3.2.1 makes it "/".
-        Some(_) | None => Some("/"),
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || authority.contains('@') {
+        return None;
     }
+    let path = match rest.as_bytes().get(end) {
+        Some(b'/') => &rest[end..],
+        // "http://host?q" has an empty path: RFC 9112 §3.2.1 makes it "/".
+        _ => "/",
+    };
+    Some((path, Some(authority)))
 }
 
 /// A request the balancer answers itself.
@@ -151,10 +158,21 @@ struct Reply {
     status: u16,
     msg: &'static str,
     close: bool,
+    /// Answering a HEAD request: no body.
+    head: bool,
+    /// An HTTP/1.0 client: a kept connection must be said so.
+    http10: bool,
 }
 
+/// A reply before the request line is known.
 fn reply(status: u16, msg: &'static str, close: bool) -> Reply {
-    Reply { status, msg, close }
+    Reply {
+        status,
+        msg,
+        close,
+        head: false,
+        http10: false,
+    }
 }
 
 /// What the balancer decided about one request, from its head alone.
@@ -171,6 +189,19 @@ struct Plan {
     candidates: Vec<usize>,
     /// (method, path) when a live view is watching.
     described: Option<(String, String)>,
+}
+
+impl Plan {
+    /// A reply of the balancer's own to this request.
+    fn reply(&self, status: u16, msg: &'static str, close: bool) -> Reply {
+        Reply {
+            status,
+            msg,
+            close,
+            head: self.head,
+            http10: self.http10,
+        }
+    }
 }
 
 /// Reads a parsed request head: validates it, selects the backends and
@@ -192,6 +223,13 @@ fn plan_request(
         return Err(reply(431, "431 request header fields too large\n", true));
     }
     let http10 = version == 0;
+    let reply = |status, msg, close| Reply {
+        status,
+        msg,
+        close,
+        head: method == "HEAD",
+        http10,
+    };
     let fields: &[Header<'_>] = req.headers;
     let framing = match h1::request_framing(fields, http10) {
         Ok(f) => f,
@@ -205,7 +243,7 @@ fn plan_request(
     if method == "CONNECT" {
         return Err(reply(405, "405 CONNECT is not supported\n", true));
     }
-    let Some(target) = origin_form(method, target) else {
+    let Some((target, authority)) = origin_form(method, target) else {
         return Err(reply(400, "400 bad request target\n", true));
     };
     let hosts = fields.iter().filter(|h| is(h.name, "host")).count();
@@ -216,6 +254,7 @@ fn plan_request(
             true,
         ));
     }
+    let trusted = config.is_trusted(peer);
     let tokens = connection_tokens(fields);
     let has = |t: &str| tokens.iter().any(|x| x.eq_ignore_ascii_case(t));
     let keep_alive = if http10 {
@@ -226,7 +265,8 @@ fn plan_request(
     let mut expect_continue = false;
     for h in fields.iter().filter(|h| is(h.name, "expect")) {
         if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-            expect_continue = !bodyless;
+            // HTTP/1.0 has no interim responses (RFC 9110 §10.1.1).
+            expect_continue = !bodyless && !http10;
         } else {
             return Err(reply(417, "417 expectation not supported\n", true));
         }
@@ -250,12 +290,15 @@ fn plan_request(
         .filter(|i| usable(g, *i, now_ms, eject, choice.bound))
         .collect();
     if candidates.is_empty() {
-        return Err(reply(503, "503 no backend available\n", !bodyless));
+        return Err(reply(
+            503,
+            "503 no backend available\n",
+            !bodyless || !keep_alive,
+        ));
     }
 
     // The head for the backend: hop-by-hop fields and the route cookie
     // removed, framing and forwarding fields written by the balancer.
-    let trusted = config.is_trusted(peer);
     let route_cookie = g.codec.as_ref().map(|c| c.name());
     up.clear();
     up.extend_from_slice(method.as_bytes());
@@ -267,7 +310,30 @@ fn plan_request(
     let mut has_proto = false;
     for h in fields {
         let name = h.name;
-        if is_hop_by_hop(name) || is(name, "expect") || tokens.iter().any(|t| is(name, t)) {
+        if is(name, "host") {
+            // An absolute-form target names the host itself.
+            if authority.is_none() {
+                header(up, name, h.value);
+            }
+            continue;
+        }
+        // Names with `_` are dropped as nginx does: CGI-style gateways map
+        // `X_Forwarded_For` and `X-Forwarded-For` to one variable. Other
+        // client-address fields are believed only from trusted proxies.
+        if is_hop_by_hop(name)
+            || is(name, "expect")
+            || name.contains('_')
+            || (!trusted
+                && ["forwarded", "x-real-ip", "x-forwarded-host"]
+                    .iter()
+                    .any(|f| is(name, f)))
+        {
+            continue;
+        }
+        // Fields the balancer owns cannot be removed by listing them in
+        // `Connection`; any other listed field is hop-by-hop.
+        let owned = is(name, "x-forwarded-for") || is(name, "x-forwarded-proto");
+        if !owned && tokens.iter().any(|t| is(name, t)) {
             continue;
         }
         if is(name, "content-length") {
@@ -300,9 +366,13 @@ fn plan_request(
         }
         header(up, name, h.value);
     }
-    if hosts == 0 {
-        let authority = g.pool.members[candidates[0]].authority.as_str();
-        header(up, "Host", authority.as_bytes());
+    match authority {
+        Some(a) => header(up, "Host", a.as_bytes()),
+        None if hosts == 0 => {
+            let backend = g.pool.members[candidates[0]].authority.as_str();
+            header(up, "Host", backend.as_bytes());
+        }
+        None => {}
     }
     match framing {
         Framing::Length(n) => {
@@ -383,26 +453,36 @@ fn plan_response(
 ) -> Result<Answer, FrameError> {
     let status = res.code.unwrap_or(0);
     let fields: &[Header<'_>] = res.headers;
-    let framing = h1::response_framing(fields, status, plan.head)?;
-    let tokens = connection_tokens(fields);
     let http11 = res.version == Some(1);
+    let framing = h1::response_framing(fields, status, plan.head, !http11)?;
+    let tokens = connection_tokens(fields);
+    // A length beside a coding is a message someone may read differently:
+    // pass it on re-framed, but do not reuse the connection.
+    let ambiguous = fields.iter().any(|h| is(h.name, "content-length"))
+        && fields.iter().any(|h| is(h.name, "transfer-encoding"));
     let backend_close = tokens.iter().any(|t| t.eq_ignore_ascii_case("close"))
         || (!http11 && !tokens.iter().any(|t| t.eq_ignore_ascii_case("keep-alive")));
     let dechunk = framing == Framing::Chunked && plan.http10;
     let close_client = !plan.keep_alive || stopping || framing == Framing::Close || dechunk;
     let mut node = None;
-    let mut cache_control: Option<&[u8]> = None;
+    let mut cache_control: Vec<&[u8]> = Vec::new();
+    let mut length: Option<&[u8]> = None;
     out.clear();
     let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(res.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in fields {
         let name = h.name;
+        // The framing fields are written by the balancer below.
+        if is(name, "content-length") {
+            length.get_or_insert(h.value.trim_ascii());
+            continue;
+        }
         if is_hop_by_hop(name) || tokens.iter().any(|t| is(name, t)) {
             continue;
         }
         if set_cookie.is_some() && is(name, "cache-control") {
-            cache_control = Some(h.value);
+            cache_control.push(h.value);
             continue;
         }
         if plan.described.is_some() && is(name, "x-tether-node") {
@@ -410,12 +490,23 @@ fn plan_response(
         }
         header(out, name, h.value);
     }
-    if framing == Framing::Chunked && !dechunk {
-        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    match framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        Framing::Chunked if !dechunk => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        // HEAD, 204, 304 and an empty body keep the length they announce.
+        Framing::Empty => {
+            if let Some(v) = length {
+                header(out, "Content-Length", v);
+            }
+        }
+        Framing::Chunked | Framing::Close => {}
     }
     if let Some(cookie) = set_cookie {
         header(out, "Set-Cookie", cookie.as_bytes());
-        header(out, "Cache-Control", &no_shared_cache(cache_control));
+        let existing = (!cache_control.is_empty()).then(|| cache_control.join(&b", "[..]));
+        header(out, "Cache-Control", &no_shared_cache(existing.as_deref()));
     }
     if close_client {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -427,7 +518,7 @@ fn plan_response(
         status,
         framing,
         dechunk,
-        reusable: !backend_close && framing != Framing::Close,
+        reusable: !backend_close && !ambiguous && framing != Framing::Close,
         close_client,
         node,
     })
@@ -451,17 +542,22 @@ fn no_shared_cache(existing: Option<&[u8]>) -> Vec<u8> {
 }
 
 /// A canned response of the balancer's own.
-fn canned(out: &mut Vec<u8>, status: u16, msg: &str, close: bool, head: bool) {
+fn canned(out: &mut Vec<u8>, r: &Reply) {
     out.clear();
+    let connection = match (r.close, r.http10) {
+        (true, _) => "Connection: close\r\n",
+        (false, true) => "Connection: keep-alive\r\n",
+        (false, false) => "",
+    };
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{}\r\n",
-        h1::reason(status),
-        msg.len(),
-        if close { "Connection: close\r\n" } else { "" }
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n{connection}\r\n",
+        r.status,
+        h1::reason(r.status),
+        r.msg.len(),
     );
-    if !head {
-        out.extend_from_slice(msg.as_bytes());
+    if !r.head {
+        out.extend_from_slice(r.msg.as_bytes());
     }
 }
 
@@ -579,8 +675,8 @@ impl Client {
     }
 
     /// Answers with the balancer's own response.
-    async fn answer(&mut self, r: &Reply, head: bool) -> Next {
-        canned(&mut self.out, r.status, r.msg, r.close, head);
+    async fn answer(&mut self, r: &Reply) -> Next {
+        canned(&mut self.out, r);
         if !self.send_out().await {
             return Next::Close;
         }
@@ -619,8 +715,13 @@ impl Client {
             )
         };
         arm(&mut self.timer, Instant::now() + header_timeout);
+        // A head is parsed again only when a line has ended since the last
+        // try: a client dribbling bytes must not make parsing quadratic.
+        let mut parsed_upto = 0;
         let (plan, g, now) = loop {
-            if !self.buf.is_empty() {
+            let fresh_line = self.buf[parsed_upto..].contains(&b'\n');
+            if !self.buf.is_empty() && (fresh_line || self.buf.len() >= max_head) {
+                parsed_upto = self.buf.len();
                 let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
                 let mut req = httparse::Request::new(&mut fields);
                 let parsed = req.parse(&self.buf);
@@ -651,7 +752,7 @@ impl Client {
                         if r.status == 503 {
                             shared.totals.count_generated(503);
                         }
-                        return self.answer(&r, false).await;
+                        return self.answer(&r).await;
                     }
                     None => {}
                 }
@@ -693,7 +794,7 @@ impl Client {
                 None if idle => return Next::Close,
                 None => {
                     let r = reply(408, "408 request head too slow\n", true);
-                    return self.answer(&r, false).await;
+                    return self.answer(&r).await;
                 }
             }
         };
@@ -702,7 +803,13 @@ impl Client {
     }
 
     /// Serves a planned request: body, tries, response.
-    async fn forward(&mut self, shared: &Shared, g: &Generation, plan: Plan, now: Instant) -> Next {
+    async fn forward(
+        &mut self,
+        shared: &Shared,
+        g: &Generation,
+        plan: Plan,
+        mut now: Instant,
+    ) -> Next {
         let config = &g.config;
         let limit = config.limits.buffer_body_bytes as u64;
         // Bodies up to the limit are buffered behind the head (one write,
@@ -714,24 +821,29 @@ impl Client {
             }
             Framing::Length(n) if n <= limit => {
                 let total = plan.head_len + usize::try_from(n).unwrap_or(usize::MAX);
-                if self.buf.len() < total {
+                let waited = self.buf.len() < total;
+                if waited {
                     if plan.expect_continue && !self.continue_100().await {
                         return Next::Close;
                     }
-                    arm(&mut self.timer, now + BODY_TIMEOUT);
                     while self.buf.len() < total {
+                        arm(&mut self.timer, Instant::now() + BODY_TIMEOUT);
                         match timed(&mut self.timer, fill(&mut self.io, &mut self.buf)).await {
                             Some(Ok(n)) if n > 0 => {}
                             Some(_) => return Next::Close,
                             None => {
-                                let r = reply(408, "408 request body too slow\n", true);
-                                return self.answer(&r, plan.head).await;
+                                let r = plan.reply(408, "408 request body too slow\n", true);
+                                return self.answer(&r).await;
                             }
                         }
                     }
                 }
                 self.up.extend_from_slice(&self.buf[plan.head_len..total]);
                 self.buf.advance(total);
+                // Time spent receiving the body is not the backends' time.
+                if waited {
+                    now = Instant::now();
+                }
                 true
             }
             _ => {
@@ -810,8 +922,8 @@ impl Client {
                 Ok(t) => t,
                 Err(StreamError::Client) => return Next::Close,
                 Err(StreamError::Malformed) => {
-                    let r = reply(400, "400 malformed chunked body\n", true);
-                    return self.answer(&r, plan.head).await;
+                    let r = plan.reply(400, "400 malformed chunked body\n", true);
+                    return self.answer(&r).await;
                 }
                 Err(StreamError::Backend) => {
                     body_sent = true;
@@ -837,11 +949,12 @@ impl Client {
                     let next = self.relay(&mut up, &answer, answered).await;
                     drop(guard);
                     if matches!(next, Relayed::Complete) && answer.reusable && up.buf.is_empty() {
-                        stats.conns.checkin(up, now);
+                        stats.conns.checkin(up, answered);
                     }
                     return match next {
                         Relayed::Complete if !answer.close_client => Next::KeepAlive,
-                        Relayed::Complete => Next::Close,
+                        // A pipelined request may be waiting unread.
+                        Relayed::Complete => Next::Linger,
                         // Headers already went out: cutting the connection is
                         // the only way to tell the client the body is incomplete.
                         Relayed::Broken => Next::Close,
@@ -881,9 +994,9 @@ impl Client {
         // A streamed body that was not read to its end leaves the
         // connection mid-message.
         let close = !plan.keep_alive || !buffered;
-        let r = reply(status, msg, close);
+        let r = plan.reply(status, msg, close);
         self.event(shared, &plan, status, None, now);
-        self.answer(&r, plan.head).await
+        self.answer(&r).await
     }
 
     /// Sends `100 Continue` to a client waiting for it before its body.
@@ -910,10 +1023,26 @@ impl Client {
         stopping: bool,
     ) -> Result<Tried, StreamError> {
         arm(&mut self.timer, started + wait);
-        match timed(&mut self.timer, up.io.write_all(&self.up)).await {
+        let mut written = 0;
+        let sent = timed(&mut self.timer, async {
+            while written < self.up.len() {
+                match up.io.write(&self.up[written..]).await {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    Ok(n) => written += n,
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await;
+        match sent {
             Some(Ok(())) => {}
-            // The backend had closed a kept-alive connection: nothing reached it.
-            Some(Err(_)) => return Ok(Tried::Failed(Failure::Broken, up.reused)),
+            // A kept-alive connection the backend had closed: if not a byte
+            // was taken, nothing reached the application.
+            Some(Err(_)) => {
+                let unsent = written == 0 || plan.idempotent;
+                return Ok(Tried::Failed(Failure::Broken, up.reused && unsent));
+            }
             None => return Ok(Tried::Failed(Failure::Timeout, false)),
         }
         if !buffered {
@@ -1029,29 +1158,49 @@ impl Client {
         }
     }
 
-    /// Passes a streamed request body from the client to the backend.
+    /// Passes a streamed request body from the client to the backend. A
+    /// chunked body is re-chunked: the backend sees the balancer's framing
+    /// only, never the client's extensions or trailers (a backend that
+    /// parses those differently could find a second request in them).
     async fn stream_body(&mut self, up: &mut Conn, framing: Framing) -> Result<(), StreamError> {
         let mut left = match framing {
             Framing::Length(n) => n,
             _ => 0,
         };
         let mut chunks = Chunks::default();
+        let mut staged = Vec::new();
         loop {
             let take = if framing == Framing::Chunked {
-                chunks
-                    .scan(&self.buf, |_| {})
-                    .map_err(|_| StreamError::Malformed)?
+                let used = chunks
+                    .scan(&self.buf, |data| {
+                        let _ = write!(staged, "{:x}\r\n", data.len());
+                        staged.extend_from_slice(data);
+                        staged.extend_from_slice(b"\r\n");
+                    })
+                    .map_err(|_| StreamError::Malformed)?;
+                if chunks.done() {
+                    staged.extend_from_slice(b"0\r\n\r\n");
+                }
+                used
             } else {
                 usize::try_from(left)
                     .unwrap_or(usize::MAX)
                     .min(self.buf.len())
             };
-            if take > 0 {
+            let piece = if framing == Framing::Chunked {
+                &staged[..]
+            } else {
+                &self.buf[..take]
+            };
+            if !piece.is_empty() {
                 arm(&mut self.timer, Instant::now() + SEND_TIMEOUT);
-                match timed(&mut self.timer, up.io.write_all(&self.buf[..take])).await {
+                match timed(&mut self.timer, up.io.write_all(piece)).await {
                     Some(Ok(())) => {}
                     _ => return Err(StreamError::Backend),
                 }
+            }
+            staged.clear();
+            if take > 0 {
                 self.buf.advance(take);
                 left = left.saturating_sub(take as u64);
             }
@@ -1282,7 +1431,7 @@ mod tests {
         // needs the client's keep-alive.
         let (up, p) = plan(
             &g,
-            "GET http://example.com/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            "GET /x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
             "127.0.0.1",
         )
         .unwrap();
@@ -1316,13 +1465,95 @@ mod tests {
 
     #[test]
     fn absolute_targets_become_origin_form() {
-        assert_eq!(origin_form("GET", "/x?y"), Some("/x?y"));
-        assert_eq!(origin_form("OPTIONS", "*"), Some("*"));
+        assert_eq!(origin_form("GET", "/x?y"), Some(("/x?y", None)));
+        assert_eq!(origin_form("OPTIONS", "*"), Some(("*", None)));
         assert_eq!(origin_form("GET", "*"), None);
-        assert_eq!(origin_form("GET", "HTTP://h:1/p/q?r"), Some("/p/q?r"));
-        assert_eq!(origin_form("GET", "https://h"), Some("/"));
-        assert_eq!(origin_form("GET", "http://h?q=1"), Some("/"));
+        assert_eq!(
+            origin_form("GET", "HTTP://h:1/p/q?r"),
+            Some(("/p/q?r", Some("h:1")))
+        );
+        assert_eq!(origin_form("GET", "https://h"), Some(("/", Some("h"))));
+        assert_eq!(origin_form("GET", "http://h?q=1"), Some(("/", Some("h"))));
+        assert_eq!(origin_form("GET", "http:///x"), None);
+        assert_eq!(origin_form("GET", "http://u@h/x"), None);
         assert_eq!(origin_form("GET", "ftp://h/x"), None);
+        // The target's authority replaces Host.
+        let g = generation(PolicyKind::RoundRobin, &[]);
+        let (up, _) = plan(
+            &g,
+            "GET http://real/x HTTP/1.1\r\nHost: other\r\n\r\n",
+            "127.0.0.1",
+        )
+        .unwrap();
+        assert!(
+            up.starts_with("GET /x HTTP/1.1\r\nHost: real\r\n") && !up.contains("other"),
+            "{up}"
+        );
+    }
+
+    #[test]
+    fn fields_that_could_spoof_the_client_are_dropped_and_owned_ones_kept() {
+        let g = generation(PolicyKind::RoundRobin, &[]);
+        let raw = "GET / HTTP/1.1\r\nHost: x\r\nConnection: host, x-forwarded-for\r\nX_Forwarded_For: 1.1.1.1\r\nForwarded: for=1.1.1.1\r\nX-Real-IP: 1.1.1.1\r\nX-Forwarded-Host: evil\r\n\r\n";
+        let (up, _) = plan(&g, raw, "127.0.0.1").unwrap();
+        assert_eq!(up, "GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\n\r\n");
+        // From a trusted proxy, its address fields pass.
+        let g = generation(PolicyKind::RoundRobin, &["127.0.0.0/8"]);
+        let (up, _) = plan(&g, raw, "127.0.0.1").unwrap();
+        assert!(
+            up.contains("Forwarded: for=1.1.1.1\r\n")
+                && up.contains("X-Real-IP")
+                && !up.contains("X_Forwarded"),
+            "{up}"
+        );
+    }
+
+    #[test]
+    fn early_answers_respect_head_and_the_clients_connection_wishes() {
+        let g = generation(PolicyKind::RoundRobin, &[]);
+        g.pool.members[0].stats.mark_down(false, 0);
+        let answer = |raw: &str| {
+            let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut fields);
+            let httparse::Status::Complete(n) = req.parse(raw.as_bytes()).unwrap() else {
+                panic!()
+            };
+            let r = plan_request(
+                &mut Vec::new(),
+                &req,
+                n,
+                "127.0.0.1".parse().unwrap(),
+                &g,
+                false,
+                Instant::now(),
+            )
+            .err()
+            .unwrap();
+            let mut out = Vec::new();
+            canned(&mut out, &r);
+            String::from_utf8(out).unwrap()
+        };
+        let head = answer("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            head.starts_with("HTTP/1.1 503 ")
+                && head.ends_with("\r\n\r\n")
+                && !head.contains("Connection"),
+            "{head}"
+        );
+        let closing = answer("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(closing.contains("Connection: close\r\n"), "{closing}");
+        let old = answer("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(old.contains("Connection: keep-alive\r\n"), "{old}");
+        let old = answer("GET / HTTP/1.0\r\n\r\n");
+        assert!(old.contains("Connection: close\r\n"), "{old}");
+        let g2 = generation(PolicyKind::RoundRobin, &[]);
+        let (_, p) = plan(
+            &g2,
+            "POST / HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
+            "127.0.0.1",
+        )
+        .unwrap();
+        assert!(!p.expect_continue, "HTTP/1.0 has no 100 Continue");
     }
 
     #[test]
@@ -1358,6 +1589,34 @@ mod tests {
         let text = String::from_utf8(out.clone()).unwrap();
         assert!(
             !text.contains("chunked") && text.contains("Connection: close\r\n"),
+            "{text}"
+        );
+        // Framing fields are the balancer's: a length beside a coding is
+        // dropped (and the connection not reused), a length is rewritten.
+        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        res.parse(raw).unwrap();
+        p.http10 = false;
+        let a = plan_response(&mut out, &res, &p, None, false).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        assert!(!a.reusable);
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\nCache-Control: no-store\r\nCache-Control: max-age=60\r\n\r\n";
+        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        res.parse(raw).unwrap();
+        let a = plan_response(&mut out, &res, &p, Some("R=1"), false).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(
+            text.contains("Content-Length: 5\r\n") && a.framing == Framing::Length(5),
+            "{text}"
+        );
+        assert!(
+            text.contains("Cache-Control: no-store, max-age=60\r\n"),
             "{text}"
         );
         // Stopping closes kept connections after the response.
