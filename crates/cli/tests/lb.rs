@@ -786,7 +786,10 @@ async fn message_framing_survives_the_proxy_in_every_shape() {
     .await;
     let text = String::from_utf8_lossy(&reply);
     assert_eq!(count(&reply, "HTTP/1.1 "), 1, "{text}");
-    assert!(text.contains("len=2 sum=209 ") && reply.len() < 10_000, "{text}");
+    assert!(
+        text.contains("len=2 sum=209 ") && reply.len() < 10_000,
+        "{text}"
+    );
 }
 
 #[tokio::test]
