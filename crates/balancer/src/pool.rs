@@ -168,6 +168,21 @@ pub struct Member {
     pub(crate) authority: http::uri::Authority,
 }
 
+/// A pool of backends named `ids` on made-up loopback ports, for tests.
+#[cfg(test)]
+pub(crate) fn test_pool(ids: &[&str]) -> Pool {
+    let backends: Vec<Backend> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Backend {
+            id: (*id).into(),
+            addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
+            weight: 1,
+        })
+        .collect();
+    Pool::new(&backends, None, Instant::now())
+}
+
 /// The backend set of one configuration generation.
 #[derive(Debug, Clone)]
 pub struct Pool {

@@ -578,6 +578,17 @@ async fn timed<T>(timer: &mut Pin<Box<Sleep>>, fut: impl Future<Output = T>) -> 
     .await
 }
 
+/// Writes all of `bytes`, giving up at `deadline`.
+async fn send_by(
+    io: &mut TcpStream,
+    timer: &mut Pin<Box<Sleep>>,
+    bytes: &[u8],
+    deadline: Instant,
+) -> bool {
+    arm(timer, deadline);
+    matches!(timed(timer, io.write_all(bytes)).await, Some(Ok(())))
+}
+
 fn arm(timer: &mut Pin<Box<Sleep>>, at: Instant) {
     timer.as_mut().reset(tokio::time::Instant::from_std(at));
 }
@@ -667,11 +678,7 @@ impl Client {
 
     /// Sends `self.out`, giving up at `deadline`.
     async fn send_out_by(&mut self, deadline: Instant) -> bool {
-        arm(&mut self.timer, deadline);
-        matches!(
-            timed(&mut self.timer, self.io.write_all(&self.out)).await,
-            Some(Ok(()))
-        )
+        send_by(&mut self.io, &mut self.timer, &self.out, deadline).await
     }
 
     /// Answers with the balancer's own response.
@@ -1001,15 +1008,9 @@ impl Client {
 
     /// Sends `100 Continue` to a client waiting for it before its body.
     async fn continue_100(&mut self) -> bool {
-        arm(&mut self.timer, Instant::now() + SEND_TIMEOUT);
-        matches!(
-            timed(
-                &mut self.timer,
-                self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-            )
-            .await,
-            Some(Ok(()))
-        )
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let deadline = Instant::now() + SEND_TIMEOUT;
+        send_by(&mut self.io, &mut self.timer, interim, deadline).await
     }
 
     /// Sends the request on `up` and reads the response head into `out`.
@@ -1307,25 +1308,34 @@ mod tests {
         crate::build_generation(c, None, Instant::now(), b"test secret").unwrap()
     }
 
-    /// Plans `raw` from `peer`: the head sent upstream, or the status answered.
-    fn plan(g: &Generation, raw: &str, peer: &str) -> Result<(String, Plan), u16> {
+    /// Plans `raw` from `peer`: the head written for upstream, and the plan
+    /// or the balancer's own reply.
+    fn planned(g: &Generation, raw: &str, peer: &str) -> (String, Result<Plan, Reply>) {
         let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
         let mut req = httparse::Request::new(&mut fields);
         let httparse::Status::Complete(n) = req.parse(raw.as_bytes()).unwrap() else {
             panic!("incomplete head");
         };
         let mut up = Vec::new();
-        plan_request(
-            &mut up,
-            &req,
-            n,
-            peer.parse().unwrap(),
-            g,
-            false,
-            Instant::now(),
-        )
-        .map(|p| (String::from_utf8(up).unwrap(), p))
-        .map_err(|r| r.status)
+        let peer = peer.parse().unwrap();
+        let planned = plan_request(&mut up, &req, n, peer, g, false, Instant::now());
+        (String::from_utf8(up).unwrap(), planned)
+    }
+
+    /// Plans `raw` from `peer`: the head sent upstream, or the status answered.
+    fn plan(g: &Generation, raw: &str, peer: &str) -> Result<(String, Plan), u16> {
+        let (up, planned) = planned(g, raw, peer);
+        planned.map(|p| (up, p)).map_err(|r| r.status)
+    }
+
+    /// The head written for the client for the backend's response head `raw`.
+    fn respond(raw: &[u8], plan: &Plan, cookie: Option<&str>, stopping: bool) -> (String, Answer) {
+        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut fields);
+        res.parse(raw).unwrap();
+        let mut out = Vec::new();
+        let a = plan_response(&mut out, &res, plan, cookie, stopping).unwrap();
+        (String::from_utf8(out).unwrap(), a)
     }
 
     fn headers<'a>(pairs: &[(&'a str, &'a str)]) -> Vec<Header<'a>> {
@@ -1513,22 +1523,7 @@ mod tests {
         let g = generation(PolicyKind::RoundRobin, &[]);
         g.pool.members[0].stats.mark_down(false, 0);
         let answer = |raw: &str| {
-            let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut fields);
-            let httparse::Status::Complete(n) = req.parse(raw.as_bytes()).unwrap() else {
-                panic!()
-            };
-            let r = plan_request(
-                &mut Vec::new(),
-                &req,
-                n,
-                "127.0.0.1".parse().unwrap(),
-                &g,
-                false,
-                Instant::now(),
-            )
-            .err()
-            .unwrap();
+            let r = planned(&g, raw, "127.0.0.1").1.err().unwrap();
             let mut out = Vec::new();
             canned(&mut out, &r);
             String::from_utf8(out).unwrap()
@@ -1571,46 +1566,34 @@ mod tests {
         let g = generation(PolicyKind::RoundRobin, &[]);
         let (_, mut p) = plan(&g, "GET / HTTP/1.1\r\nHost: x\r\n\r\n", "127.0.0.1").unwrap();
         let raw = b"HTTP/1.1 200 OK\r\nConnection: close, x-internal\r\nX-Internal: 1\r\nTransfer-Encoding: chunked\r\nCache-Control: public\r\n\r\n";
-        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        res.parse(raw).unwrap();
-        let mut out = Vec::new();
-        let a = plan_response(&mut out, &res, &p, Some("R=1"), false).unwrap();
+        let (text, a) = respond(raw, &p, Some("R=1"), false);
         assert_eq!(
-            String::from_utf8(out.clone()).unwrap(),
+            text,
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nSet-Cookie: R=1\r\nCache-Control: public, no-cache=\"set-cookie\"\r\n\r\n"
         );
         assert!(!a.reusable && !a.close_client && !a.dechunk);
         // An HTTP/1.0 client cannot take chunks: the body is de-chunked and
         // delimited by the close.
         p.http10 = true;
-        let a = plan_response(&mut out, &res, &p, None, false).unwrap();
+        let (text, a) = respond(raw, &p, None, false);
         assert!(a.dechunk && a.close_client);
-        let text = String::from_utf8(out.clone()).unwrap();
         assert!(
             !text.contains("chunked") && text.contains("Connection: close\r\n"),
             "{text}"
         );
         // Framing fields are the balancer's: a length beside a coding is
         // dropped (and the connection not reused), a length is rewritten.
-        let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
-        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        res.parse(raw).unwrap();
         p.http10 = false;
-        let a = plan_response(&mut out, &res, &p, None, false).unwrap();
-        let text = String::from_utf8(out.clone()).unwrap();
+        let ambiguous =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let (text, a) = respond(ambiguous, &p, None, false);
         assert_eq!(
             text,
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         );
         assert!(!a.reusable);
-        let raw = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\nCache-Control: no-store\r\nCache-Control: max-age=60\r\n\r\n";
-        let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut fields);
-        res.parse(raw).unwrap();
-        let a = plan_response(&mut out, &res, &p, Some("R=1"), false).unwrap();
-        let text = String::from_utf8(out.clone()).unwrap();
+        let listed = b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\nCache-Control: no-store\r\nCache-Control: max-age=60\r\n\r\n";
+        let (text, a) = respond(listed, &p, Some("R=1"), false);
         assert!(
             text.contains("Content-Length: 5\r\n") && a.framing == Framing::Length(5),
             "{text}"
@@ -1620,8 +1603,7 @@ mod tests {
             "{text}"
         );
         // Stopping closes kept connections after the response.
-        p.http10 = false;
-        let a = plan_response(&mut out, &res, &p, None, true).unwrap();
+        let (_, a) = respond(listed, &p, None, true);
         assert!(a.close_client);
     }
 }

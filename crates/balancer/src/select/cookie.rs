@@ -247,18 +247,7 @@ mod tests {
 
     #[test]
     fn the_policy_accepts_exactly_what_the_codec_verifies() {
-        use crate::config::Backend;
-        let ids = ["A", "B", "C"];
-        let backends: Vec<Backend> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| Backend {
-                id: (*id).into(),
-                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                weight: 1,
-            })
-            .collect();
-        let pool = Pool::new(&backends, None, std::time::Instant::now());
+        let pool = crate::pool::test_pool(&["A", "B", "C"]);
         let policy = CookiePolicy::new(codec(), &pool);
         assert_eq!(
             policy.known.len(),

@@ -127,21 +127,10 @@ impl Select for PowerOfTwo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Backend;
-    use crate::pool::Pool;
 
     #[test]
     fn a_down_backends_share_is_spread_over_the_others() {
-        let backends: Vec<Backend> = ["A", "B", "C", "D"]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| Backend {
-                id: (*id).into(),
-                addr: format!("127.0.0.1:{}", 1000 + i).parse().unwrap(),
-                weight: 1,
-            })
-            .collect();
-        let pool = Pool::new(&backends, None, std::time::Instant::now());
+        let pool = crate::pool::test_pool(&["A", "B", "C", "D"]);
         let rr = RoundRobin::new(&pool);
         let mut fallback = [0usize; 4];
         for _ in 0..1200 {
