@@ -11,7 +11,6 @@
 //! cargo bench -p tether-bench --bench cluster -- [--writes 300]
 //! ```
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tether_bench::arg;
@@ -67,7 +66,7 @@ async fn measure(nodes: &[ClusterStore], writes: usize, session_bytes: usize) ->
     }
     let owner_of = |id: &SessionId| {
         let live = nodes[0].live_nodes();
-        let owner = tether_core::placement::owner(id.as_bytes(), &live)
+        let owner = tether_core::placement::session_owner(&id, &live)
             .unwrap()
             .clone();
         nodes.iter().position(|n| n.node_id() == owner).unwrap_or(0)
@@ -98,10 +97,7 @@ async fn measure(nodes: &[ClusterStore], writes: usize, session_bytes: usize) ->
 
 fn totals(nodes: &[ClusterStore]) -> (u64, u64) {
     nodes.iter().fold((0, 0), |(m, b), n| {
-        (
-            m + n.metrics().messages.load(Ordering::Relaxed),
-            b + n.metrics().bytes.load(Ordering::Relaxed),
-        )
+        (m + n.metrics().messages, b + n.metrics().bytes)
     })
 }
 

@@ -555,69 +555,31 @@ async fn metrics(State(node): State<Node>) -> Response {
     );
     if let Some(c) = &node.cluster {
         let m = c.metrics();
+        let status = c.status();
         let (owned, backups, bytes) = c.holdings();
-        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-        let rows: [(&str, &str, &str, f64); 10] = [
-            (
-                "tether_cluster_writes_total",
-                "counter",
-                "Writes applied by this node as owner.",
-                get(&m.writes),
-            ),
-            (
-                "tether_cluster_replication_messages_total",
-                "counter",
-                "Replication messages sent.",
-                get(&m.messages),
-            ),
-            (
-                "tether_cluster_replication_bytes_total",
-                "counter",
-                "Replication bytes sent.",
-                get(&m.bytes),
-            ),
-            (
-                "tether_cluster_ack_seconds_sum",
-                "counter",
-                "Time spent waiting for backups' acknowledgements.",
-                get(&m.ack_us) / 1e6,
-            ),
-            (
-                "tether_cluster_ack_seconds_count",
-                "counter",
-                "Acknowledgement waits.",
-                get(&m.acks),
-            ),
-            (
-                "tether_cluster_ack_failures_total",
-                "counter",
-                "Writes refused for want of acknowledgements.",
-                get(&m.ack_failures),
-            ),
-            (
-                "tether_cluster_forwarded_total",
-                "counter",
-                "Operations sent to the session's owner on another node.",
-                get(&m.forwarded),
-            ),
-            (
-                "tether_cluster_sessions_owned",
-                "gauge",
-                "Sessions this node owns.",
-                owned as f64,
-            ),
-            (
-                "tether_cluster_sessions_backup",
-                "gauge",
-                "Sessions this node holds as a backup.",
-                backups as f64,
-            ),
-            (
-                "tether_cluster_session_bytes",
-                "gauge",
-                "Attribute bytes held.",
-                bytes as f64,
-            ),
+        let n = |v: u64| v as f64;
+        let yes = |b: bool| if b { 1.0 } else { 0.0 };
+        let rows: [(&str, &str, &str, f64); 20] = [
+            ("tether_cluster_writes_total", "counter", "Writes applied by this node as owner.", n(m.writes)),
+            ("tether_cluster_replication_messages_total", "counter", "Replication messages sent (owner to holders).", n(m.messages)),
+            ("tether_cluster_replication_bytes_total", "counter", "Replication bytes sent (owner to holders).", n(m.bytes)),
+            ("tether_cluster_ack_seconds_sum", "counter", "Time writes took until acknowledged by the holders.", n(m.ack_us) / 1e6),
+            ("tether_cluster_ack_seconds_count", "counter", "Writes acknowledged.", n(m.acks)),
+            ("tether_cluster_ack_failures_total", "counter", "Writes refused for want of acknowledgements.", n(m.ack_failures)),
+            ("tether_cluster_forwarded_total", "counter", "Operations sent to the session's owner on another node.", n(m.forwarded)),
+            ("tether_cluster_transferred_out_total", "counter", "Sessions sent by transfer rounds (membership changes, repair).", n(m.transferred_out)),
+            ("tether_cluster_transferred_in_total", "counter", "Sessions received by transfer rounds.", n(m.transferred_in)),
+            ("tether_cluster_transfer_bytes_total", "counter", "Bytes sent by transfer rounds.", n(m.transfer_bytes)),
+            ("tether_cluster_read_throughs_total", "counter", "Operations that asked peers first while a transfer was under way.", n(m.read_throughs)),
+            ("tether_cluster_segments_handed_off_total", "counter", "Segments handed to their new holders and dropped here.", n(m.handed_off)),
+            ("tether_cluster_views_total", "counter", "Membership views installed.", n(m.views)),
+            ("tether_cluster_live_nodes", "gauge", "Members of this node's view.", status.live.len() as f64),
+            ("tether_cluster_ready", "gauge", "1 when membership converged and this node holds its share.", yes(status.ready)),
+            ("tether_cluster_fully_replicated", "gauge", "1 when every session this node holds has all its copies: the next node may be stopped.", yes(status.fully_replicated)),
+            ("tether_cluster_sessions_owned", "gauge", "Sessions this node owns.", owned as f64),
+            ("tether_cluster_sessions_backup", "gauge", "Sessions this node holds as a backup.", backups as f64),
+            ("tether_cluster_session_bytes", "gauge", "Attribute bytes held.", bytes as f64),
+            ("tether_cluster_leaving", "gauge", "1 while the node hands its sessions off before exiting.", yes(status.leaving)),
         ];
         for (name, kind, help, value) in rows {
             line(name, kind, help, value);
@@ -652,5 +614,16 @@ async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
         "sessions": sessions,
         "session_bytes": bytes,
         "cluster_live": node.cluster.as_ref().map(|c| c.live_nodes()),
+        "cluster": node.cluster.as_ref().map(|c| {
+            let s = c.status();
+            json!({
+                "live": s.live,
+                "ready": s.ready,
+                "fully_replicated": s.fully_replicated,
+                "synced_from": s.synced_from,
+                "peers": s.peers,
+                "leaving": s.leaving,
+            })
+        }),
     }))
 }

@@ -90,7 +90,7 @@ async fn the_owner_dies_and_the_user_stays_logged_in() {
         .unwrap();
     assert_eq!(login.status, 200, "{}", login.text());
     let id = tether_core::SessionId::parse(&user.cookie("SESSION").unwrap()).unwrap();
-    let owner = tether_core::placement::owner(id.as_bytes(), &["A", "B", "C"])
+    let owner = tether_core::placement::session_owner(&id, &["A", "B", "C"])
         .unwrap()
         .to_string();
     // The login was served by the owner (the node drew an ID it owns).

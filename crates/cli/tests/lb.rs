@@ -355,7 +355,7 @@ async fn owner_policy_sends_a_session_to_its_rendezvous_owner() {
         // The session lives where the login landed; from now on requests
         // follow the owner function, which the cluster store shares.
         let id = tether_core::SessionId::parse(&user.cookie("SESSION").unwrap()).unwrap();
-        let owner = tether_core::placement::owner(id.as_bytes(), &["A", "B", "C"]).unwrap();
+        let owner = tether_core::placement::session_owner(&id, &["A", "B", "C"]).unwrap();
         for _ in 0..3 {
             let r = user.get(&fleet.url("/mypage")).await.unwrap();
             assert_eq!(r.node().unwrap(), *owner);

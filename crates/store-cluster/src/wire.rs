@@ -1,5 +1,7 @@
-//! The replication protocol: length-delimited frames of versioned JSON over
-//! TCP, after a mutual HMAC handshake on the cluster secret.
+//! The node-to-node protocol: length-delimited frames of versioned JSON
+//! over TCP, after a mutual HMAC handshake on the cluster secret. Three
+//! protocols share a connection: forwarded client operations, replication
+//! from an owner to the other holders, and segment transfer.
 //!
 //! A stranger without the secret can neither join (it cannot answer the
 //! challenge) nor inject sessions (nothing is read before the handshake). A
@@ -12,11 +14,14 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tether_core::{Delta, Load, Record, SessionId, Timestamp};
+
+use crate::core::store::{Known, Stamped, Tombstone};
+use crate::core::view::{Member, ViewId};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// The protocol version carried in every frame.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// The largest frame accepted (a session is at most 64 KiB by default).
 pub const MAX_FRAME: usize = 1024 * 1024;
 
@@ -31,13 +36,75 @@ pub fn framed(stream: TcpStream) -> Conn {
     Framed::new(stream, codec)
 }
 
-/// What one node asks another.
+/// Every request carries its sender and the sender's view: replication
+/// and transfer messages are only accepted between nodes that agree on the
+/// view, so two nodes can never both act as a segment's owner for
+/// acknowledged writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sending incarnation.
+    pub from: Member,
+    /// The sender's view.
+    pub view: ViewId,
+    /// The request.
+    pub body: Request,
+}
+
+/// What one node asks another: one enum per protocol.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    /// Install a full record if newer (creation, repair, re-replication).
-    Put(Record),
+    /// A client's operation, sent to the session's owner.
+    Forward(Forward),
+    /// From the owner to the other holders of a session.
+    Replicate(Replicate),
+    /// Moving segments between holders when the view changes, and repair.
+    Transfer(Transfer),
+}
+
+/// A client's operation forwarded to the node that owns the session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Forward {
+    /// The operation.
+    pub op: Op,
+    /// Nodes the sender found down (connections refused), with the
+    /// generation it tried: the receiver acts as owner if it is the first
+    /// of the session's preference without them (a newer generation of a
+    /// skipped name is not skipped: it restarted).
+    pub skip: Vec<Member>,
+}
+
+/// A client's operation on one session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Op {
+    /// Create if absent.
+    Create(Record),
+    /// Load, recording the access lazily.
+    Load(SessionId, Load),
+    /// Apply a delta at a time.
+    Apply(SessionId, Delta, Timestamp),
+    /// Delete at a time.
+    Delete(SessionId, Timestamp),
+}
+
+impl Op {
+    /// The session the operation is about.
+    pub fn id(&self) -> SessionId {
+        match self {
+            Self::Create(r) => r.id,
+            Self::Load(id, _) | Self::Apply(id, _, _) | Self::Delete(id, _) => *id,
+        }
+    }
+}
+
+/// Owner to holders: keep your copy equal to mine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Replicate {
+    /// Install a full copy (creation, repair, a new holder).
+    Put(Stamped),
     /// Apply a delta the owner applied to version `base`.
     Delta {
+        /// Names the write.
+        stamp: u64,
         /// The session.
         id: SessionId,
         /// The version the owner applied it to.
@@ -54,60 +121,80 @@ pub enum Request {
         /// When.
         last_access: Timestamp,
     },
-    /// Delete a session for good: the deletion's version, and until when
-    /// to remember it.
-    Remove(SessionId, u64, Timestamp),
-    /// The sender finished re-replicating to this node for its current view.
-    Synced,
-    /// Anti-entropy: the digests of the sessions `owner` owns and the
-    /// receiver should back up; the receiver answers the segments that differ.
-    Digest {
-        /// The sending owner.
-        owner: String,
-        /// Per-segment digests.
-        segments: Vec<u64>,
+    /// Delete for good.
+    Remove(Tombstone),
+}
+
+/// Segment transfer between the holders of a view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Transfer {
+    /// The sender's digests of segments both should hold; the receiver
+    /// answers those that differ from its own.
+    Digest(Vec<(u16, u64)>),
+    /// Sessions and deletions of some segments.
+    Batch {
+        /// Sessions.
+        records: Vec<Stamped>,
+        /// Deletions.
+        tombstones: Vec<Tombstone>,
     },
-    /// Forwarded to the owner: create.
-    Create(Record),
-    /// Forwarded to the owner: load.
-    Load(SessionId, Load),
-    /// Forwarded to the owner: apply a client's delta.
-    Apply(SessionId, Delta, Timestamp),
-    /// Forwarded to the owner: delete.
-    Delete(SessionId),
+    /// The sender has sent the receiver everything it should hold from the
+    /// sender under this view.
+    Synced,
+    /// What do you know of these sessions? (A new owner's read-through.)
+    Fetch(Vec<SessionId>),
 }
 
-impl Request {
-    /// Whether this is replication traffic (counted in the metrics).
-    pub fn is_replication(&self) -> bool {
-        matches!(
-            self,
-            Self::Put(_) | Self::Delta { .. } | Self::Touch { .. } | Self::Remove(..)
-        )
-    }
-}
-
-/// The answer.
+/// The answer to a [`Request`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Response {
-    /// Done.
-    Ok,
+    /// A forwarded operation's result.
+    Done(Result<Outcome, Refusal>),
+    /// A forwarded operation reached a node that does not own the session
+    /// under its view: route again.
+    NotOwner,
+    /// Applied (or already there).
+    Ack,
     /// A replicated delta found a gap: send the full record.
     NeedFull,
+    /// The holder has another history of the session (or a later
+    /// deletion): what it holds, for the owner to decide.
+    Conflict(Known),
+    /// The receiver's view differs from the sender's: retry once they agree.
+    WrongView,
+    /// Segments whose digests differ.
+    Mismatch(Vec<u16>),
+    /// What the receiver knows of each session asked for, in order.
+    Known(Vec<Known>),
+}
+
+/// What an operation produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Created.
+    Created,
+    /// The session, or none.
+    Record(Option<Record>),
+    /// The new version, or none (no such live session).
+    Version(Option<u64>),
+    /// Whether a live session was deleted.
+    Deleted(bool),
+}
+
+/// Why an operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
     /// A create found the ID taken.
     Collision,
     /// A write exceeded the size limit.
-    TooLarge(usize, usize),
-    /// A version, or none (no such live session).
-    Version(Option<u64>),
-    /// A session, or none.
-    Record(Option<Record>),
-    /// Whether a delete removed something.
-    Deleted(bool),
-    /// The node could not do it (its own replication failed, say).
+    TooLarge {
+        /// The size it would have had.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not possible now (no owner reachable, not replicated in time…).
     Unavailable(String),
-    /// Anti-entropy: segments whose digests differ.
-    Mismatch(Vec<u8>),
 }
 
 /// One frame.

@@ -78,14 +78,7 @@ async fn every_node_sees_every_session_and_writes_reach_the_backups() {
     let mut d = Delta::default();
     d.set("x", tether_core::testing::json("1"));
     b.apply(&ids[0], &d, now).await.unwrap().unwrap();
-    let writes: u64 = [&a, &b, &c]
-        .iter()
-        .map(|s| {
-            s.metrics()
-                .writes
-                .load(std::sync::atomic::Ordering::Relaxed)
-        })
-        .sum();
+    let writes: u64 = [&a, &b, &c].iter().map(|s| s.metrics().writes).sum();
     assert_eq!(writes, 31);
 }
 
@@ -96,7 +89,7 @@ async fn proposed_ids_are_owned_by_the_proposing_node() {
         let live = store.live_nodes();
         for _ in 0..20 {
             let id = store.propose_id();
-            let owner = tether_core::placement::owner(id.as_bytes(), &live).unwrap();
+            let owner = tether_core::placement::session_owner(&id, &live).unwrap();
             assert_eq!(
                 Some(owner.as_str()),
                 store
@@ -109,7 +102,7 @@ async fn proposed_ids_are_owned_by_the_proposing_node() {
     }
     let id = a.propose_id();
     assert_eq!(
-        tether_core::placement::owner(id.as_bytes(), &a.live_nodes()).unwrap(),
+        tether_core::placement::session_owner(&id, &a.live_nodes()).unwrap(),
         "A"
     );
 }

@@ -181,8 +181,9 @@ impl Select for KeyHash {
     }
 }
 
-/// The session's owner: rendezvous hashing of the session ID over backend
-/// IDs, the same function the replicated store uses to place the session.
+/// The session's owner: rendezvous hashing of the session's segment over
+/// backend IDs, the same function the replicated store uses to place it
+/// ([`placement::session_preference`]).
 #[derive(Debug)]
 pub struct Owner {
     pub(crate) cookie: String,
@@ -195,7 +196,7 @@ impl Select for Owner {
         let id = cookie_value(req.headers, &self.cookie).and_then(|v| SessionId::parse(v).ok());
         match id {
             Some(id) => {
-                let order = rendezvous(id.as_bytes(), pool);
+                let order = rendezvous(&placement::segment(&id).to_le_bytes(), pool);
                 Choice {
                     bound: order.first().copied(),
                     order,
