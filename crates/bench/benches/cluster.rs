@@ -66,7 +66,7 @@ async fn measure(nodes: &[ClusterStore], writes: usize, session_bytes: usize) ->
     }
     let owner_of = |id: &SessionId| {
         let live = nodes[0].live_nodes();
-        let owner = tether_core::placement::session_owner(&id, &live)
+        let owner = tether_core::placement::session_owner(id, &live)
             .unwrap()
             .clone();
         nodes.iter().position(|n| n.node_id() == owner).unwrap_or(0)
