@@ -155,6 +155,15 @@ struct NodeArgs {
     /// Cluster only: the secret every node shares (or env TETHER_CLUSTER_SECRET).
     #[arg(long)]
     cluster_secret: Option<String>,
+    /// Cluster only: not ready before this many nodes (itself included) were
+    /// seen once (default: 2 with --peer, else 1). Set the fleet's size to
+    /// keep a fresh fleet from serving before it has formed.
+    #[arg(long)]
+    cluster_min_nodes: Option<usize>,
+    /// Cluster only: on SIGTERM, wait at most this many seconds for the
+    /// sessions to be handed to the other nodes before exiting.
+    #[arg(long, default_value_t = 30)]
+    cluster_leave_timeout: u64,
 }
 
 fn cluster_config(
@@ -400,6 +409,13 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
             &args.ack,
             args.cluster_secret.clone(),
         )?);
+        if let Some(c) = config.cluster.as_mut() {
+            if let Some(n) = args.cluster_min_nodes {
+                anyhow::ensure!(n >= 1, "--cluster-min-nodes must be at least 1");
+                c.min_nodes = Some(n);
+            }
+            c.leave_timeout = Duration::from_secs(args.cluster_leave_timeout);
+        }
     }
     anyhow::ensure!(
         config.store != StoreSpec::Jwt || config.jwt_key_file.is_some(),

@@ -266,11 +266,30 @@ pub async fn serve(
         );
     }
     let draining = node.clone();
+    let leave_timeout = config
+        .cluster
+        .as_ref()
+        .map_or(Duration::ZERO, |c| c.leave_timeout);
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown.await;
             // Tell the balancer to stop sending new work while in-flight requests finish.
             draining.set_ready(false);
+            if let Some(cluster) = &draining.cluster {
+                // Hand every session to the nodes that hold it next, while
+                // still serving (requests are forwarded to their owners), so
+                // no session is ever down to fewer copies during a deploy.
+                let started = std::time::Instant::now();
+                tracing::info!("leaving the cluster: handing sessions off");
+                if cluster.leave(leave_timeout).await {
+                    tracing::info!(ms = started.elapsed().as_millis() as u64, "sessions handed off");
+                } else {
+                    tracing::warn!(
+                        timeout_s = leave_timeout.as_secs(),
+                        "sessions not all handed off in time; exiting anyway (their other copies remain)"
+                    );
+                }
+            }
             tracing::info!("shutting down: draining in-flight requests");
         })
         .await?;
@@ -618,6 +637,8 @@ async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
             let s = c.status();
             json!({
                 "live": s.live,
+                "generation": s.me.generation,
+                "members": s.members.iter().map(|m| format!("{}@{}", m.name, m.generation)).collect::<Vec<_>>(),
                 "ready": s.ready,
                 "fully_replicated": s.fully_replicated,
                 "synced_from": s.synced_from,

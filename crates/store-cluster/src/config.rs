@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     /// this long, unless its replication port refuses connections (then
     /// at once): a loaded machine's late gossip is not a death.
     pub suspect_timeout: Duration,
+    /// How long a graceful stop ([`crate::ClusterStore::leave`], the node's
+    /// SIGTERM) waits for its sessions to reach their next holders.
+    pub leave_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -72,6 +75,7 @@ impl ClusterConfig {
             anti_entropy_interval: Duration::from_secs(5),
             min_nodes: None,
             suspect_timeout: Duration::from_secs(3),
+            leave_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -172,6 +172,9 @@ impl Driver {
         self.feed(Input::Client { token, op });
         match tokio::time::timeout(self.op_timeout, rx).await {
             Ok(Ok(result)) => {
+                if let Err(Refusal::Unavailable(why)) = &result {
+                    tracing::info!(%why, "session operation refused");
+                }
                 if write && result.is_ok() {
                     self.writes_timed.fetch_add(1, Ordering::Relaxed);
                     self.write_us

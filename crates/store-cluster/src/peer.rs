@@ -77,11 +77,7 @@ impl Peer {
         socket.connect(self.addr).await
     }
 
-    async fn sender(
-        &self,
-        me: &str,
-        secret: &[u8],
-    ) -> Result<Outbox, CallError> {
+    async fn sender(&self, me: &str, secret: &[u8]) -> Result<Outbox, CallError> {
         let mut slot = self.tx.lock().await;
         if let Some(tx) = slot.as_ref().filter(|tx| !tx.is_closed()) {
             return Ok(tx.clone());

@@ -10,11 +10,14 @@
 //!   situation of one user talking to several servers.
 //! - [`RedisServer`] starts a private `redis-server` in a temp dir.
 //! - [`eventually`] polls a condition with a deadline instead of sleeping.
+//! - [`Shoppers`] keep writing through a balancer while a test breaks
+//!   things, and check every acknowledged write at the end.
 
 mod client;
 mod fault;
 mod process;
 mod redis;
+mod workload;
 
 /// The Redis client the kit uses, for tests that talk to its servers.
 pub use ::redis as redis_client;
@@ -23,6 +26,7 @@ pub use client::{Client, Response};
 pub use fault::Isolation;
 pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
+pub use workload::{Progress, Running, Shoppers, Tally};
 
 /// Signal numbers for [`Process::signal`].
 pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};

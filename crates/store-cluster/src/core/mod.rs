@@ -198,7 +198,11 @@ pub struct Counters {
 /// A node's state as operators see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
-    /// The members of the current view, sorted.
+    /// This node's incarnation.
+    pub me: Member,
+    /// The members of the current view (names and generations), sorted.
+    pub members: Vec<Member>,
+    /// Their names.
     pub live: Vec<String>,
     /// Converged and holding its share: may serve as a full member.
     pub ready: bool,
@@ -365,6 +369,8 @@ impl Core {
             Replication::Backup(k) => self.view.len() > k,
         };
         Status {
+            me: self.cfg.me.clone(),
+            members: self.view.members().to_vec(),
             live: self.view.names(),
             ready,
             fully_replicated: ready && self.round_done && enough,

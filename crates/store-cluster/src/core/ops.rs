@@ -101,15 +101,14 @@ impl Core {
             // Alone, a node would take itself for the whole cluster: own
             // every session, answer "absent" for sessions held elsewhere,
             // and write without backups. A peer that already counts it as
-            // owner asks again shortly.
+            // owner asks again shortly; a client (a balancer that has not
+            // yet noticed the restart) waits until the node has joined.
             if let Client::Peer(token) = client {
                 return out.push(Output::Respond {
                     token,
                     response: Response::NotOwner,
                 });
             }
-            let why = "this node has not joined the cluster yet";
-            return self.answer(Some(client), Err(Refusal::Unavailable(why.into())), out);
         }
         let id = self.token();
         self.ops.insert(
@@ -138,6 +137,13 @@ impl Core {
             return;
         };
         if to.is_some() {
+            self.ops.insert(op_id, p);
+            return;
+        }
+        if !self.formed {
+            if let Stage::Route { retry_at, .. } = &mut p.stage {
+                *retry_at = Some(self.now.plus(RETRY));
+            }
             self.ops.insert(op_id, p);
             return;
         }
