@@ -542,8 +542,8 @@ async fn logout_everywhere(
 }
 
 async fn health(State(node): State<Node>) -> Response {
-    // A node that joined a cluster is not ready until it holds its share.
-    let cluster_ready = node.cluster.as_ref().is_none_or(|c| c.is_ready());
+    // A node that joins a cluster takes no traffic until it holds its share.
+    let cluster_ready = node.cluster.as_ref().is_none_or(|c| c.is_serving());
     if node.ready.load(Ordering::SeqCst) && cluster_ready {
         Json(json!({ "status": "ready", "node": &*node.id })).into_response()
     } else {
@@ -578,7 +578,7 @@ async fn metrics(State(node): State<Node>) -> Response {
         let (owned, backups, bytes) = c.holdings();
         let n = |v: u64| v as f64;
         let yes = |b: bool| if b { 1.0 } else { 0.0 };
-        let rows: [(&str, &str, &str, f64); 20] = [
+        let rows: [(&str, &str, &str, f64); 21] = [
             ("tether_cluster_writes_total", "counter", "Writes applied by this node as owner.", n(m.writes)),
             ("tether_cluster_replication_messages_total", "counter", "Replication messages sent (owner to holders).", n(m.messages)),
             ("tether_cluster_replication_bytes_total", "counter", "Replication bytes sent (owner to holders).", n(m.bytes)),
@@ -593,7 +593,8 @@ async fn metrics(State(node): State<Node>) -> Response {
             ("tether_cluster_segments_handed_off_total", "counter", "Segments handed to their new holders and dropped here.", n(m.handed_off)),
             ("tether_cluster_views_total", "counter", "Membership views installed.", n(m.views)),
             ("tether_cluster_live_nodes", "gauge", "Members of this node's view.", status.live.len() as f64),
-            ("tether_cluster_ready", "gauge", "1 when membership converged and this node holds its share.", yes(status.ready)),
+            ("tether_cluster_ready", "gauge", "1 when membership converged and this node holds its share (0 after a view change until synced).", yes(status.ready)),
+            ("tether_cluster_serving", "gauge", "1 when the node joined and got its share once and is not leaving (its /health).", yes(status.serving)),
             ("tether_cluster_fully_replicated", "gauge", "1 when every session this node holds has all its copies: the next node may be stopped.", yes(status.fully_replicated)),
             ("tether_cluster_sessions_owned", "gauge", "Sessions this node owns.", owned as f64),
             ("tether_cluster_sessions_backup", "gauge", "Sessions this node holds as a backup.", backups as f64),
@@ -640,6 +641,7 @@ async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
                 "generation": s.me.generation,
                 "members": s.members.iter().map(|m| format!("{}@{}", m.name, m.generation)).collect::<Vec<_>>(),
                 "ready": s.ready,
+                "serving": s.serving,
                 "fully_replicated": s.fully_replicated,
                 "synced_from": s.synced_from,
                 "peers": s.peers,

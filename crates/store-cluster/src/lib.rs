@@ -272,9 +272,16 @@ impl ClusterStore {
         lock(&self.driver.core).view().names()
     }
 
-    /// Whether membership has converged and this node holds its share.
+    /// Whether membership has converged and this node holds its share
+    /// (false again after a view change, until synced).
     pub fn is_ready(&self) -> bool {
         lock(&self.driver.core).is_ready()
+    }
+
+    /// Whether a balancer may send this node requests: it joined and got
+    /// its share once, and is not leaving (the node's `/health`).
+    pub fn is_serving(&self) -> bool {
+        lock(&self.driver.core).is_serving()
     }
 
     /// Readiness, replication state and the view, for operators.

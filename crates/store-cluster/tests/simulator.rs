@@ -356,7 +356,7 @@ impl Sim {
         let ready: Vec<(String, bool)> = self
             .up
             .iter()
-            .map(|(n, x)| (n.clone(), x.core.is_ready()))
+            .map(|(n, x)| (n.clone(), x.core.is_serving()))
             .collect();
         self.lb.retain(|n, _| self.up.contains_key(n));
         for (n, ok) in ready {

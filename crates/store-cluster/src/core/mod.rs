@@ -204,8 +204,12 @@ pub struct Status {
     pub members: Vec<Member>,
     /// Their names.
     pub live: Vec<String>,
-    /// Converged and holding its share: may serve as a full member.
+    /// Converged (every peer synced under this very view) and holding its
+    /// share; false again after a view change until synced.
     pub ready: bool,
+    /// Joined and received its share once, not leaving: the balancer may
+    /// send it requests (the node's `/health`).
+    pub serving: bool,
     /// Ready, its own transfer round for this view finished, and every
     /// session has its copies: another node may be stopped now.
     pub fully_replicated: bool,
@@ -250,6 +254,8 @@ pub struct Core {
     pub(crate) leaving: bool,
     left: bool,
     pub(crate) formed: bool,
+    /// Has been ready once since it started.
+    served: bool,
     pub(crate) synced_from: BTreeSet<String>,
     pub(crate) round: Option<Round>,
     /// The last full round for this view finished.
@@ -293,6 +299,7 @@ impl Core {
             leaving: false,
             left: false,
             formed: false,
+            served: false,
             synced_from: BTreeSet::new(),
             round: None,
             round_done: true,
@@ -361,6 +368,15 @@ impl Core {
             && self.unsynced_peers().next().is_none()
     }
 
+    /// Whether a balancer may send this node requests: it joined and
+    /// received its share once, and is not leaving. A later view change
+    /// does not take this away: while it syncs again, it answers through
+    /// read-through, correctly, and taking every node out of a balancer
+    /// whenever a member joins would be an outage.
+    pub fn is_serving(&self) -> bool {
+        self.served && !self.leaving
+    }
+
     /// The operator's view of the node.
     pub fn status(&self) -> Status {
         let ready = self.is_ready();
@@ -373,6 +389,7 @@ impl Core {
             members: self.view.members().to_vec(),
             live: self.view.names(),
             ready,
+            serving: self.is_serving(),
             fully_replicated: ready && self.round_done && enough,
             synced_from: self
                 .peers()
@@ -464,6 +481,10 @@ impl Core {
             }
         }
         self.check_left(out);
+        if !self.served && self.is_ready() {
+            self.served = true;
+            tracing::info!(node = %self.cfg.me.name, live = ?self.view.names(), "joined and holding its share: serving");
+        }
     }
 
     /// Installs the view the last membership and `leaving` give, if new.
