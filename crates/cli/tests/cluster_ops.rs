@@ -379,6 +379,8 @@ async fn a_fresh_fleet_is_ready_only_once_formed_and_survives_a_kill() {
     let users = Shoppers::log_in(&fleet.url(), 12).await.unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = users.shop(Duration::from_millis(20), stopped);
+    let progress = running.progress();
+    progress.more(100, Duration::from_secs(60)).await.unwrap();
     fleet.kill("B").await;
     eventually(Duration::from_secs(30), "A and C see B gone", || async {
         let s = fleet.stats("A").await?;
@@ -386,6 +388,7 @@ async fn a_fresh_fleet_is_ready_only_once_formed_and_survives_a_kill() {
     })
     .await
     .unwrap();
+    progress.more(100, Duration::from_secs(60)).await.unwrap();
     stop.send(true).unwrap();
     let t = running.check().await.unwrap();
     assert_nothing_lost(&t);

@@ -46,6 +46,10 @@ pub(crate) struct Driver {
     pub(crate) writes_timed: AtomicU64,
     pub(crate) write_us: AtomicU64,
     pub(crate) left: tokio::sync::watch::Sender<bool>,
+    /// Set when the store is dropped: connections close with it.
+    closed: tokio::sync::watch::Sender<bool>,
+    /// Peers that refused a connection, for the membership layer to probe.
+    hints: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl Driver {
@@ -54,8 +58,10 @@ impl Driver {
         secret: Vec<u8>,
         local_ip: IpAddr,
         ack_timeout: Duration,
+        hints: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Self {
         Self {
+            hints,
             me: core.me().name.clone(),
             core: Mutex::new(core),
             secret,
@@ -72,7 +78,25 @@ impl Driver {
             writes_timed: AtomicU64::new(0),
             write_us: AtomicU64::new(0),
             left: tokio::sync::watch::channel(false).0,
+            closed: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// A peer's view differs from this node's. If a member crashed and only
+    /// some nodes noticed yet, probing every member now lets this node
+    /// notice too, instead of waiting for its own failure detector; views
+    /// agree again sooner and writes wait less.
+    fn views_differ(&self) {
+        let peers = lock(&self.core).view().names();
+        for p in peers.into_iter().filter(|p| *p != self.me) {
+            let _ = self.hints.send(p);
+        }
+    }
+
+    /// Closes every connection (the store was dropped, as a crash would).
+    pub(crate) fn close(&self) {
+        let _ = self.closed.send(true);
+        lock(&self.peers).clear();
     }
 
     pub(crate) fn set_addrs(&self, addrs: HashMap<String, SocketAddr>) {
@@ -112,9 +136,12 @@ impl Driver {
                             token,
                             reply: Err(Failure::Refused),
                         }),
-                        Some(peer) => self.spawn_call(peer, token, env),
+                        Some(peer) => self.spawn_call(peer, token, env, to),
                     },
                     Output::Respond { token, response } => {
+                        if matches!(response, Response::WrongView) {
+                            self.views_differ();
+                        }
                         if let Some(tx) = lock(&self.answers).remove(&token) {
                             let _ = tx.send(response);
                         }
@@ -132,7 +159,7 @@ impl Driver {
         }
     }
 
-    fn spawn_call(self: &Arc<Self>, peer: Arc<Peer>, token: u64, env: Envelope) {
+    fn spawn_call(self: &Arc<Self>, peer: Arc<Peer>, token: u64, env: Envelope, env_to: String) {
         let driver = self.clone();
         tokio::spawn(async move {
             let transfer = matches!(env.body, Request::Transfer(_));
@@ -142,6 +169,10 @@ impl Driver {
                 driver.call_timeout
             };
             let reply = match peer.call(&driver.me, &driver.secret, &env, timeout).await {
+                Ok((Response::WrongView, _)) => {
+                    driver.views_differ();
+                    Ok(Response::WrongView)
+                }
                 Ok((response, bytes)) => {
                     let counter = match env.body {
                         Request::Replicate(_) => Some(&driver.bytes),
@@ -155,6 +186,9 @@ impl Driver {
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "message to a peer failed");
+                    if e.failure() == Failure::Refused {
+                        let _ = driver.hints.send(env_to.clone());
+                    }
                     Err(e.failure())
                 }
             };
@@ -236,6 +270,7 @@ async fn connection(driver: Arc<Driver>, stream: tokio::net::TcpStream, peer: So
     }
     let (mut sink, mut stream) = StreamExt::split::<bytes::Bytes>(conn);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4096);
+    let mut closed = driver.closed.subscribe();
     let writer = tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
             if sink.send(bytes::Bytes::from(bytes)).await.is_err() {
@@ -243,7 +278,12 @@ async fn connection(driver: Arc<Driver>, stream: tokio::net::TcpStream, peer: So
             }
         }
     });
-    while let Some(frame) = stream.next().await {
+    loop {
+        let frame = tokio::select! {
+            f = stream.next() => f,
+            _ = closed.wait_for(|c| *c) => None,
+        };
+        let Some(frame) = frame else { break };
         let bytes = match frame {
             Ok(b) => b,
             Err(e) => {
@@ -298,5 +338,10 @@ async fn connection(driver: Arc<Driver>, stream: tokio::net::TcpStream, peer: So
         }
     }
     drop(tx);
+    if *closed.borrow() {
+        // The store is gone: cut the connection now, whatever answers are
+        // still owed on it (a crashed node owes nothing).
+        writer.abort();
+    }
     let _ = writer.await;
 }

@@ -154,6 +154,9 @@ impl Drop for ClusterStore {
         for t in &self.tasks {
             t.abort();
         }
+        // Gossip stops with its handle; connections close here, so a dropped
+        // store is gone for its peers as a crashed node would be.
+        self.driver.close();
     }
 }
 
@@ -213,11 +216,13 @@ impl ClusterStore {
                 .min_nodes
                 .unwrap_or(if config.seeds.is_empty() { 1 } else { 2 });
         let core = Core::new(core_config, Timestamp::now());
+        let (hint_tx, hints) = tokio::sync::mpsc::unbounded_channel();
         let driver = Arc::new(Driver::new(
             core,
             config.secret.clone(),
             listen.ip(),
             config.ack_timeout,
+            hint_tx,
         ));
         let chitchat = membership::start(&config, generation).await?;
         let tasks = vec![
@@ -228,6 +233,7 @@ impl ClusterStore {
                 chitchat.chitchat(),
                 me,
                 config.suspect_timeout,
+                hints,
             )),
         ];
         Ok(Self {

@@ -89,7 +89,7 @@ impl Config {
             min_nodes: 1,
             anti_entropy: Duration::from_secs(5),
             tombstone_min: Duration::from_secs(120),
-            batch_bytes: 256 * 1024,
+            batch_bytes: 64 * 1024,
         }
     }
 }
@@ -258,6 +258,9 @@ pub struct Core {
     served: bool,
     pub(crate) synced_from: BTreeSet<String>,
     pub(crate) round: Option<Round>,
+    /// Segments a peer is sending this node (its digest, who, since when),
+    /// so that a second peer holding the same copy does not send it too.
+    pub(crate) offers: HashMap<u16, (u64, String, Timestamp)>,
     /// The last full round for this view finished.
     pub(crate) round_done: bool,
     next_token: u64,
@@ -302,6 +305,7 @@ impl Core {
             served: false,
             synced_from: BTreeSet::new(),
             round: None,
+            offers: HashMap::new(),
             round_done: true,
             next_token: 1,
             sends: HashMap::new(),
@@ -506,6 +510,7 @@ impl Core {
         tracing::trace!(node = %self.cfg.me.name, view = ?view.id(), members = ?view.members(), "view installed");
         self.previous = std::mem::replace(&mut self.view, view).members().to_vec();
         self.synced_from.clear();
+        self.offers.clear();
         if self.view.len() >= self.cfg.min_nodes {
             self.formed = true;
         }

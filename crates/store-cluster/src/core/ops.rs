@@ -16,6 +16,8 @@ use crate::{Ack, Replication};
 /// Before asking again a node that answered "not the owner" or "not the
 /// same view": views converge within a few gossip rounds.
 const RETRY: Duration = Duration::from_millis(10);
+/// Operations slower than this are logged (debug) with their trail.
+const SLOW: Duration = Duration::from_millis(100);
 
 /// An operation under way.
 #[derive(Debug)]
@@ -23,6 +25,9 @@ pub(crate) struct Pending {
     /// Who waits for it; `None` once answered (async replication).
     client: Option<Client>,
     deadline: Timestamp,
+    /// When it arrived, and what it went through (for slow-operation logs).
+    started: Timestamp,
+    trail: Vec<&'static str>,
     /// Bumped when the operation starts over, so late answers to an
     /// earlier attempt are recognised.
     attempt: u32,
@@ -116,6 +121,8 @@ impl Core {
             Pending {
                 client: Some(client),
                 deadline: self.now.plus(self.cfg.ack_timeout * 2),
+                started: self.now,
+                trail: Vec::new(),
                 attempt: 0,
                 stage: Stage::Route {
                     op,
@@ -141,6 +148,7 @@ impl Core {
             return;
         }
         if !self.formed {
+            p.trail.push("not joined");
             if let Stage::Route { retry_at, .. } = &mut p.stage {
                 *retry_at = Some(self.now.plus(RETRY));
             }
@@ -158,7 +166,7 @@ impl Core {
             } else {
                 "no live node can own the session"
             };
-            return self.answer(p.client, Err(Refusal::Unavailable(why.into())), out);
+            return self.done(p, Err(Refusal::Unavailable(why.into())), out);
         };
         if target == self.cfg.me.name {
             let (op, skip) = match std::mem::replace(&mut p.stage, Stage::Running) {
@@ -185,6 +193,7 @@ impl Core {
             *retry_at = None;
         }
         let attempt = p.attempt;
+        p.trail.push("forward");
         self.ops.insert(op_id, p);
         self.counters.forwarded += 1;
         self.send(
@@ -225,6 +234,7 @@ impl Core {
         let id = op.id();
         tracing::trace!(node = %self.cfg.me.name, ?id, asking = ?waiting.keys().collect::<Vec<_>>(), "read-through");
         let peers: Vec<String> = waiting.keys().cloned().collect();
+        p.trail.push("read-through");
         p.attempt += 1;
         let attempt = p.attempt;
         p.stage = Stage::Fetch { op, skip, waiting };
@@ -264,12 +274,12 @@ impl Core {
                 }
             }
             let record = found.map(|(r, _)| r);
-            return self.answer(p.client, Ok(Outcome::Record(record)), out);
+            return self.done(p, Ok(Outcome::Record(record)), out);
         }
         let id = op.id();
         let (outcome, first) = match self.write(&op) {
             Ok(w) => w,
-            Err(answer) => return self.answer(p.client, answer, out),
+            Err(answer) => return self.done(p, answer, out),
         };
         self.counters.writes += 1;
         tracing::trace!(node = %self.cfg.me.name, view = ?self.view.id(), ?id, ?outcome, "applied as owner");
@@ -377,7 +387,7 @@ impl Core {
                     self.ops.insert(op_id, p);
                     self.replicate(op_id, out);
                 }
-                Err(answer) => self.answer(p.client, answer, out),
+                Err(answer) => self.done(p, answer, out),
             }
         }
     }
@@ -545,8 +555,9 @@ impl Core {
         let Some(p) = self.ops.remove(&op_id) else {
             return;
         };
-        if let Stage::Replicate(r) = p.stage {
-            self.answer(p.client, Ok(r.outcome), out);
+        if let Stage::Replicate(r) = &p.stage {
+            let outcome = r.outcome.clone();
+            self.done(p, Ok(outcome), out);
         }
     }
 
@@ -566,9 +577,19 @@ impl Core {
         }
     }
 
+    /// Answers operation `p`; a slow one is logged with what it went
+    /// through (membership changes show up here first).
+    fn done(&mut self, p: Pending, result: Result<Outcome, Refusal>, out: &mut Vec<Output>) {
+        let took = self.now.since(p.started);
+        if took >= SLOW {
+            tracing::debug!(node = %self.cfg.me.name, ms = took.as_millis() as u64, trail = ?p.trail, ok = result.is_ok(), "slow operation");
+        }
+        self.answer(p.client, result, out);
+    }
+
     fn finish(&mut self, op_id: u64, result: Result<Outcome, Refusal>, out: &mut Vec<Output>) {
         if let Some(p) = self.ops.remove(&op_id) {
-            self.answer(p.client, result, out);
+            self.done(p, result, out);
         }
     }
 
@@ -599,8 +620,9 @@ impl Core {
                     return;
                 };
                 match reply {
-                    Ok(Response::Done(result)) => self.answer(p.client, result, out),
+                    Ok(Response::Done(result)) => self.done(p, result, out),
                     Ok(Response::NotOwner) => {
+                        p.trail.push("not the owner");
                         *retry_at = Some(now.plus(RETRY));
                         self.ops.insert(op_id, p);
                     }
@@ -614,11 +636,11 @@ impl Core {
                         // It may still apply the operation: a second acting
                         // owner could apply it twice. Fail instead.
                         let msg = format!("the session's owner ({peer}) did not answer");
-                        self.answer(p.client, Err(Refusal::Unavailable(msg)), out);
+                        self.done(p, Err(Refusal::Unavailable(msg)), out);
                     }
                     Ok(other) => {
                         let msg = format!("unexpected answer from {peer}: {other:?}");
-                        self.answer(p.client, Err(Refusal::Unavailable(msg)), out);
+                        self.done(p, Err(Refusal::Unavailable(msg)), out);
                     }
                 }
             }
@@ -637,6 +659,7 @@ impl Core {
                             waiting.remove(peer);
                         }
                         _ => {
+                            p.trail.push("read-through again");
                             waiting.insert(peer.to_string(), Some(now.plus(RETRY)));
                         }
                     }
@@ -693,6 +716,7 @@ impl Core {
                         }
                     }
                     Ok(Response::WrongView) => {
+                        p.trail.push("holder's view differs");
                         r.full = true;
                         r.targets
                             .insert(peer.to_string(), Target::Retry(now.plus(RETRY)));
@@ -710,6 +734,7 @@ impl Core {
                     // it is the one that serves the session if the owner
                     // dies.
                     _ => {
+                        p.trail.push("holder did not answer");
                         r.targets
                             .insert(peer.to_string(), Target::Retry(now.plus(RETRY)));
                     }
@@ -867,6 +892,7 @@ impl Core {
             let Some(p) = self.ops.get_mut(&op_id) else {
                 continue;
             };
+            p.trail.push("view changed");
             match &mut p.stage {
                 Stage::Route { to: None, .. } => self.route(op_id, out),
                 Stage::Route { .. } | Stage::Running => {}

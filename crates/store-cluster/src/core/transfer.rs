@@ -19,6 +19,9 @@ const RETRY: Duration = Duration::from_millis(20);
 const RETRY_DOWN: Duration = Duration::from_millis(500);
 /// Batches in flight to one peer.
 const WINDOW: usize = 4;
+/// How long a peer's offer of a segment stands in for another peer's equal
+/// offer (the first peer is sending it; if it fails, its round restarts).
+const OFFER_TTL: Duration = Duration::from_secs(10);
 
 /// Which message of a round a reply answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,8 +128,9 @@ impl Core {
         pr.queue.clear();
         pr.inflight = 0;
         let sent = Sent::Round(round.seq, peer.to_string(), Step::Digest, pr.attempt);
-        let digests = (0..SEGMENTS)
-            .filter(|s| self.view.holds(*s, copies, &me) && self.view.holds(*s, copies, peer))
+        let digests = self
+            .offered(peer, &me, copies)
+            .into_iter()
             .map(|s| (s, self.store.digest(s)))
             .collect();
         self.send(
@@ -135,6 +139,17 @@ impl Core {
             sent,
             out,
         );
+    }
+
+    /// The segments this node offers `peer`: those `peer` holds under the
+    /// view that this node holds too, or holds data of without being a
+    /// holder any more (a handoff). The peer asks for those whose digests
+    /// differ from its own.
+    fn offered(&self, peer: &str, me: &str, copies: usize) -> Vec<u16> {
+        (0..SEGMENTS)
+            .filter(|s| self.view.holds(*s, copies, peer))
+            .filter(|s| self.view.holds(*s, copies, me) || self.store.holds(*s))
+            .collect()
     }
 
     /// A peer answered (or failed to answer) a message of the round.
@@ -152,30 +167,22 @@ impl Core {
         let Some(round) = self.round.as_mut().filter(|r| r.seq == seq) else {
             return;
         };
-        let handoff: Vec<u16> = round
-            .handoff
-            .iter()
-            .copied()
-            .filter(|s| self.view.holds(*s, copies, peer))
-            .collect();
         let Some(pr) = round.peers.get_mut(peer).filter(|pr| pr.attempt == attempt) else {
             return;
         };
         match (step, reply) {
             (Step::Digest, Ok(Response::Mismatch(differ))) => {
-                let differ = if pr.force {
-                    let me = self.cfg.me.name.as_str();
-                    (0..SEGMENTS)
-                        .filter(|s| {
-                            self.view.holds(*s, copies, me) && self.view.holds(*s, copies, peer)
-                        })
-                        .collect()
+                let mut segs = if pr.force {
+                    let me = self.cfg.me.name.clone();
+                    self.offered(peer, &me, copies)
                 } else {
                     differ
                 };
-                let mut segs: Vec<u16> = differ.into_iter().chain(handoff).collect();
                 segs.sort_unstable();
                 segs.dedup();
+                let Some(pr) = self.round.as_mut().and_then(|r| r.peers.get_mut(peer)) else {
+                    return;
+                };
                 pr.queue = segs.into_iter().map(|s| (s, None)).collect();
                 pr.state = State::Sending;
                 self.pump(peer, out);
@@ -333,13 +340,26 @@ impl Core {
         out: &mut Vec<Output>,
     ) -> Response {
         match t {
-            Transfer::Digest(theirs) => Response::Mismatch(
-                theirs
-                    .into_iter()
-                    .filter(|(s, d)| *s < SEGMENTS && self.store.digest(*s) != *d)
-                    .map(|(s, _)| s)
-                    .collect(),
-            ),
+            Transfer::Digest(theirs) => {
+                // Several peers may offer the same copy of a segment (both
+                // old holders of a segment this node now holds): ask one.
+                let now = self.now;
+                let mut differ = Vec::new();
+                for (s, d) in theirs {
+                    if s >= SEGMENTS || self.store.digest(s) == d {
+                        continue;
+                    }
+                    match self.offers.get(&s) {
+                        Some((d0, p0, at))
+                            if *d0 == d && *p0 != from.name && now.since(*at) < OFFER_TTL => {}
+                        _ => {
+                            self.offers.insert(s, (d, from.name.clone(), now));
+                            differ.push(s);
+                        }
+                    }
+                }
+                Response::Mismatch(differ)
+            }
             Transfer::Batch {
                 records,
                 tombstones,
