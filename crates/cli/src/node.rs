@@ -110,6 +110,9 @@ pub struct Node {
     id: Arc<str>,
     ready: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
+    /// When the last request arrived, in ms since `started`.
+    last_request: Arc<AtomicU64>,
+    started: std::time::Instant,
     memory: Option<Arc<MemoryStore>>,
     revocation: Option<tether_jwt::Revocation>,
     cluster: Option<Arc<tether_cluster::ClusterStore>>,
@@ -202,6 +205,8 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         id: config.id.as_str().into(),
         ready: Arc::new(AtomicBool::new(true)),
         requests: Arc::new(AtomicU64::new(0)),
+        last_request: Arc::new(AtomicU64::new(0)),
+        started: std::time::Instant::now(),
         memory,
         revocation,
         cluster,
@@ -290,6 +295,20 @@ pub async fn serve(
                     );
                 }
             }
+            // A balancer stops sending once its health checks see the 503;
+            // closing kept-alive connections before that races requests it
+            // is sending on them (a POST cannot be retried). Wait for a quiet
+            // moment, bounded.
+            let quiet = Duration::from_millis(300);
+            let give_up = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let last = Duration::from_millis(draining.last_request.load(Ordering::Relaxed));
+                let idle = draining.started.elapsed().saturating_sub(last);
+                if idle >= quiet || std::time::Instant::now() >= give_up {
+                    break;
+                }
+                tokio::time::sleep(quiet - idle).await;
+            }
             tracing::info!("shutting down: draining in-flight requests");
         })
         .await?;
@@ -307,6 +326,11 @@ fn redact(url: &str) -> String {
 
 async fn tag(State(node): State<Node>, req: Request, next: Next) -> Response {
     node.requests.fetch_add(1, Ordering::Relaxed);
+    // Probes and scrapes do not count as traffic to drain.
+    if !matches!(req.uri().path(), "/health" | "/stats" | "/metrics") {
+        node.last_request
+            .store(node.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
     let mut res = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&node.id) {
         res.headers_mut().insert("x-tether-node", v);

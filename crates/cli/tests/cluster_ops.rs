@@ -8,238 +8,17 @@
 //! nodes, a balancer and sixteen users, which is what a 2-core machine can
 //! carry next to the rest of the suite.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
-use tether_testkit::{eventually, free_port, Client, Process, Progress, Shoppers, Tally};
+use tether_testkit::{eventually, Client, Fleet, Progress, Shoppers, Tally};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_tether"))
 }
 
-const SECRET: &str = "cluster-ops-test-secret";
-
 /// One scenario at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Member {
-    http: SocketAddr,
-    cluster: SocketAddr,
-    process: Option<Process>,
-}
-
-struct Fleet {
-    mode: &'static str,
-    nodes: BTreeMap<String, Member>,
-    lb: Option<Process>,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()))
-}
-
-impl Fleet {
-    async fn start(mode: &'static str, names: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("lb.toml");
-        let mut nodes = BTreeMap::new();
-        for n in names {
-            nodes.insert(
-                n.to_string(),
-                Member {
-                    http: loopback(),
-                    cluster: loopback(),
-                    process: None,
-                },
-            );
-        }
-        let mut fleet = Self {
-            mode,
-            nodes,
-            lb: None,
-            config,
-            _dir: dir,
-        };
-        for n in names {
-            fleet.boot(n).await;
-        }
-        fleet.write_config(names);
-        let lb = Process::spawn_n(
-            bin(),
-            &[
-                "lb".into(),
-                "--config".into(),
-                fleet.config.display().to_string(),
-            ],
-            2,
-        )
-        .await
-        .unwrap();
-        fleet.lb = Some(lb);
-        fleet.wait_replicated().await;
-        fleet
-    }
-
-    /// Starts node `name` on its addresses, with every other node as a seed.
-    async fn boot(&mut self, name: &str) {
-        let seeds: Vec<String> = self
-            .nodes
-            .iter()
-            .filter(|(n, _)| *n != name)
-            .map(|(n, m)| format!("{n}={}", m.cluster))
-            .collect();
-        let m = &self.nodes[name];
-        let mut args: Vec<String> = [
-            "node",
-            "--id",
-            name,
-            "--listen",
-            &m.http.to_string(),
-            "--store",
-            "cluster",
-            "--cookie-secure",
-            "false",
-            "--cluster-listen",
-            &m.cluster.to_string(),
-            "--cluster-secret",
-            SECRET,
-            "--replication",
-            self.mode,
-        ]
-        .map(String::from)
-        .to_vec();
-        for s in seeds {
-            args.extend(["--peer".to_string(), s]);
-        }
-        let p = Process::spawn_n(bin(), &args, 2).await.unwrap();
-        self.nodes.get_mut(name).unwrap().process = Some(p);
-    }
-
-    fn write_config(&self, names: &[&str]) {
-        let mut text = String::from(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\npolicy = \"owner\"\n[health]\ninterval_ms = 200\n",
-        );
-        for n in names {
-            text.push_str(&format!(
-                "[[backend]]\nid = \"{n}\"\naddr = \"{}\"\n",
-                self.nodes[*n].http
-            ));
-        }
-        std::fs::write(&self.config, text).unwrap();
-    }
-
-    fn lb(&self) -> &Process {
-        self.lb.as_ref().expect("the balancer runs")
-    }
-
-    fn admin(&self, path: &str) -> String {
-        format!("http://{}{path}", self.lb().addrs()[1])
-    }
-
-    /// Points the balancer at `names` (a reload keeps its connections).
-    async fn balance(&self, names: &[&str]) {
-        self.write_config(names);
-        let admin = self.admin("/reload");
-        let r = Client::new()
-            .send(http::Method::POST, &admin, &[], Default::default())
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200, "reload: {}", r.text());
-    }
-
-    fn url(&self) -> String {
-        self.lb().url("")
-    }
-
-    fn running(&self) -> Vec<String> {
-        self.nodes
-            .iter()
-            .filter(|(_, m)| m.process.is_some())
-            .map(|(n, _)| n.clone())
-            .collect()
-    }
-
-    async fn stats(&self, name: &str) -> Option<Value> {
-        let url = format!("http://{}/stats", self.nodes[name].http);
-        Client::new().get(&url).await.ok()?.json().ok()
-    }
-
-    /// Waits until every running node sees exactly the running nodes (this
-    /// life of each: a restarted node is a new member) and says it is fully
-    /// replicated: the next node may go.
-    async fn wait_replicated(&self) {
-        let running = self.running();
-        let mut lives = Vec::new();
-        for n in &running {
-            let g = eventually(Duration::from_secs(30), "the node's generation", || async {
-                self.stats(n).await?["cluster"]["generation"].as_u64()
-            })
-            .await
-            .unwrap();
-            lives.push(format!("{n}@{g}"));
-        }
-        for n in &running {
-            let want = lives.clone();
-            eventually(
-                Duration::from_secs(60),
-                "every node fully replicated",
-                || {
-                    let want = want.clone();
-                    async move {
-                        let s = self.stats(n).await?;
-                        let c = &s["cluster"];
-                        let members: Vec<String> =
-                            serde_json::from_value(c["members"].clone()).ok()?;
-                        (members == want && c["fully_replicated"] == true).then_some(())
-                    }
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{n}: {e}\n{}", self.log(n)));
-        }
-    }
-
-    fn log(&self, name: &str) -> String {
-        self.nodes[name]
-            .process
-            .as_ref()
-            .map(Process::log)
-            .unwrap_or_default()
-    }
-
-    async fn kill(&mut self, name: &str) {
-        let mut p = self.nodes.get_mut(name).unwrap().process.take().unwrap();
-        if let Ok(dir) = std::env::var("KEEP_LOGS") {
-            std::fs::write(
-                format!("{dir}/{name}-{}.log", p.pid().unwrap_or(0)),
-                p.log(),
-            )
-            .unwrap();
-        }
-        p.kill().await;
-    }
-
-    /// SIGTERM: the node hands its sessions off, then exits.
-    async fn stop(&mut self, name: &str) {
-        let mut p = self.nodes.get_mut(name).unwrap().process.take().unwrap();
-        let status = p.terminate(Duration::from_secs(60)).await;
-        assert!(
-            status.is_ok(),
-            "{name} did not exit after SIGTERM:\n{}",
-            p.log()
-        );
-        assert!(
-            p.log().contains("sessions handed off"),
-            "{name} exited without handing off:\n{}",
-            p.log()
-        );
-    }
-}
 
 /// Users shop through the balancer while `ops` runs; returns what they saw.
 async fn under_load(
@@ -283,7 +62,7 @@ fn assert_nothing_lost(t: &Tally) {
 }
 
 async fn rolling_restart(mode: &'static str, graceful: bool) -> Tally {
-    let mut fleet = Fleet::start(mode, &["A", "B", "C"]).await;
+    let mut fleet = Fleet::start(bin(), mode, &["A", "B", "C"]).await;
     under_load(
         &mut fleet,
         16,
@@ -323,23 +102,15 @@ async fn a_rolling_restart_by_sigterm_hands_sessions_off_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_out_by_two_then_scale_in_by_one_loses_nothing() {
     let _one = SERIAL.lock().await;
-    let mut fleet = Fleet::start("backup", &["A", "B", "C"]).await;
+    let mut fleet = Fleet::start(bin(), "backup", &["A", "B", "C"]).await;
     let t = under_load(
         &mut fleet,
         16,
         async |fleet: &mut Fleet, progress: Progress| {
             // Two nodes join at once; the balancer learns of them by a reload
             // once they hold their share.
-            for n in ["D", "E"] {
-                fleet.nodes.insert(
-                    n.to_string(),
-                    Member {
-                        http: loopback(),
-                        cluster: loopback(),
-                        process: None,
-                    },
-                );
-            }
+            fleet.add("D");
+            fleet.add("E");
             fleet.boot("D").await;
             fleet.boot("E").await;
             fleet.wait_replicated().await;
@@ -375,7 +146,7 @@ async fn scale_out_by_two_then_scale_in_by_one_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_fleet_is_ready_only_once_formed_and_survives_a_kill() {
     let _one = SERIAL.lock().await;
-    let mut fleet = Fleet::start("backup", &["A", "B", "C"]).await;
+    let mut fleet = Fleet::start(bin(), "backup", &["A", "B", "C"]).await;
     let users = Shoppers::log_in(&fleet.url(), 12).await.unwrap();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = users.shop(Duration::from_millis(20), stopped);

@@ -15,6 +15,7 @@
 
 mod client;
 mod fault;
+mod fleet;
 mod process;
 mod redis;
 mod workload;
@@ -24,6 +25,7 @@ pub use ::redis as redis_client;
 
 pub use client::{Client, Response};
 pub use fault::Isolation;
+pub use fleet::{loopback, Fleet, Member};
 pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
 pub use workload::{Progress, Running, Shoppers, Tally};

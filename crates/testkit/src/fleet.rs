@@ -1,0 +1,294 @@
+//! A fleet of replicated nodes behind a balancer, for tests and benchmarks
+//! of what fleets live through: restarts, joins, departures.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{eventually, free_port, Client, Process};
+
+const SECRET: &str = "fleet-test-secret";
+
+/// One node of a [`Fleet`]: its addresses (kept across restarts) and its
+/// process while it runs.
+pub struct Member {
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// Cluster (replication and gossip) address.
+    pub cluster: SocketAddr,
+    /// The running process.
+    pub process: Option<Process>,
+}
+
+/// `tether node --store cluster` processes behind `tether lb --policy
+/// owner` (health checks every 200 ms), each node on fixed loopback ports
+/// so a restart comes back where it was, as in a deploy.
+pub struct Fleet {
+    bin: PathBuf,
+    mode: String,
+    /// The nodes by name.
+    pub nodes: BTreeMap<String, Member>,
+    lb: Option<Process>,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// A free loopback address.
+///
+/// # Panics
+/// If no port can be had.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")))
+}
+
+impl Fleet {
+    /// Starts nodes `names` of `bin` (`tether`) in replication `mode`
+    /// (`backup` or `all`), the balancer, and waits until every node is
+    /// fully replicated.
+    ///
+    /// # Panics
+    /// If a process cannot start or the fleet does not form in time.
+    pub async fn start(bin: &Path, mode: &str, names: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let config = dir.path().join("lb.toml");
+        let mut nodes = BTreeMap::new();
+        for n in names {
+            nodes.insert(
+                n.to_string(),
+                Member {
+                    http: loopback(),
+                    cluster: loopback(),
+                    process: None,
+                },
+            );
+        }
+        let mut fleet = Self {
+            bin: bin.to_path_buf(),
+            mode: mode.to_string(),
+            nodes,
+            lb: None,
+            config,
+            _dir: dir,
+        };
+        for n in names {
+            fleet.boot(n).await;
+        }
+        fleet.write_config(names);
+        let lb = Process::spawn_n(
+            bin,
+            &[
+                "lb".into(),
+                "--config".into(),
+                fleet.config.display().to_string(),
+            ],
+            2,
+        )
+        .await
+        .unwrap();
+        fleet.lb = Some(lb);
+        fleet.wait_replicated().await;
+        fleet
+    }
+
+    /// Adds node `name` on new addresses (not started).
+    pub fn add(&mut self, name: &str) {
+        self.nodes.insert(
+            name.to_string(),
+            Member {
+                http: loopback(),
+                cluster: loopback(),
+                process: None,
+            },
+        );
+    }
+
+    /// Starts node `name` on its addresses, with every other node as a seed.
+    ///
+    /// # Panics
+    /// If it does not start.
+    pub async fn boot(&mut self, name: &str) {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(n, _)| *n != name)
+            .map(|(n, m)| format!("{n}={}", m.cluster))
+            .collect();
+        let m = &self.nodes[name];
+        let mut args: Vec<String> = [
+            "node",
+            "--id",
+            name,
+            "--listen",
+            &m.http.to_string(),
+            "--store",
+            "cluster",
+            "--cookie-secure",
+            "false",
+            "--cluster-listen",
+            &m.cluster.to_string(),
+            "--cluster-secret",
+            SECRET,
+            "--replication",
+            &self.mode,
+        ]
+        .map(String::from)
+        .to_vec();
+        for s in seeds {
+            args.extend(["--peer".to_string(), s]);
+        }
+        let p = Process::spawn_n(&self.bin, &args, 2).await.expect("a node");
+        self.nodes.get_mut(name).unwrap().process = Some(p);
+    }
+
+    fn write_config(&self, names: &[&str]) {
+        let mut text = String::from(
+            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\npolicy = \"owner\"\n[health]\ninterval_ms = 200\n",
+        );
+        for n in names {
+            text.push_str(&format!(
+                "[[backend]]\nid = \"{n}\"\naddr = \"{}\"\n",
+                self.nodes[*n].http
+            ));
+        }
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// The balancer.
+    ///
+    /// # Panics
+    /// Before [`Fleet::start`] finished.
+    pub fn lb(&self) -> &Process {
+        self.lb.as_ref().expect("the balancer runs")
+    }
+
+    /// A URL of the balancer's admin listener.
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.lb().addrs()[1])
+    }
+
+    /// Points the balancer at `names` (a reload keeps its connections).
+    ///
+    /// # Panics
+    /// If the balancer refuses the new configuration.
+    pub async fn balance(&self, names: &[&str]) {
+        self.write_config(names);
+        let admin = self.admin("/reload");
+        let r = Client::new()
+            .send(http::Method::POST, &admin, &[], Default::default())
+            .await
+            .expect("reload");
+        assert_eq!(r.status, 200, "reload: {}", r.text());
+    }
+
+    /// The balancer's base URL.
+    pub fn url(&self) -> String {
+        self.lb().url("")
+    }
+
+    /// The nodes running now.
+    pub fn running(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, m)| m.process.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Node `name`'s `/stats`.
+    pub async fn stats(&self, name: &str) -> Option<Value> {
+        let url = format!("http://{}/stats", self.nodes[name].http);
+        Client::new().get(&url).await.ok()?.json().ok()
+    }
+
+    /// Waits until every running node sees exactly the running nodes (this
+    /// life of each: a restarted node is a new member) and says it is fully
+    /// replicated: the next node may go.
+    ///
+    /// # Panics
+    /// After 60 s.
+    pub async fn wait_replicated(&self) {
+        let running = self.running();
+        let mut lives = Vec::new();
+        for n in &running {
+            let g = eventually(Duration::from_secs(30), "the node's generation", || async {
+                self.stats(n).await?["cluster"]["generation"].as_u64()
+            })
+            .await
+            .expect("a generation");
+            lives.push(format!("{n}@{g}"));
+        }
+        for n in &running {
+            let want = lives.clone();
+            eventually(
+                Duration::from_secs(60),
+                "every node fully replicated",
+                || {
+                    let want = want.clone();
+                    async move {
+                        let s = self.stats(n).await?;
+                        let c = &s["cluster"];
+                        let members: Vec<String> =
+                            serde_json::from_value(c["members"].clone()).ok()?;
+                        (members == want && c["fully_replicated"] == true).then_some(())
+                    }
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{n}: {e}\n{}", self.log(n)));
+        }
+    }
+
+    /// What node `name` logged so far.
+    pub fn log(&self, name: &str) -> String {
+        self.nodes[name]
+            .process
+            .as_ref()
+            .map(Process::log)
+            .unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    ///
+    /// # Panics
+    /// If `name` is not running.
+    pub async fn kill(&mut self, name: &str) {
+        let mut p = self.take(name);
+        if let Ok(dir) = std::env::var("KEEP_LOGS") {
+            std::fs::write(
+                format!("{dir}/{name}-{}.log", p.pid().unwrap_or(0)),
+                p.log(),
+            )
+            .unwrap();
+        }
+        p.kill().await;
+    }
+
+    fn take(&mut self, name: &str) -> Process {
+        self.nodes
+            .get_mut(name)
+            .and_then(|m| m.process.take())
+            .unwrap_or_else(|| panic!("{name} is not running"))
+    }
+
+    /// SIGTERM: the node hands its sessions off, then exits.
+    ///
+    /// # Panics
+    /// If it does not exit, or exits without saying it handed off.
+    pub async fn stop(&mut self, name: &str) {
+        let mut p = self.take(name);
+        let status = p.terminate(Duration::from_secs(60)).await;
+        assert!(
+            status.is_ok(),
+            "{name} did not exit after SIGTERM:\n{}",
+            p.log()
+        );
+        assert!(
+            p.log().contains("sessions handed off"),
+            "{name} exited without handing off:\n{}",
+            p.log()
+        );
+    }
+}
