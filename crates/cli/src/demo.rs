@@ -188,8 +188,9 @@ pub(crate) fn strategy_node_args(
     Ok((args, if store == "cluster" { 2 } else { 1 }))
 }
 
-/// Waits until every node answers `/health` and sees `live` cluster members
-/// (non-cluster nodes count as seeing all).
+/// Waits until every node answers `/health`, sees `live` cluster members
+/// and, for a cluster, is fully replicated (non-cluster nodes count as
+/// seeing all).
 pub(crate) async fn wait_ready(nodes: &[&Process], live: usize) -> Result<(), String> {
     for n in nodes {
         let (health, stats) = (n.url("/health"), n.url("/stats"));
@@ -198,7 +199,9 @@ pub(crate) async fn wait_ready(nodes: &[&Process], live: usize) -> Result<(), St
             async move {
                 let s = Client::new().get(&stats).await.ok()?.json().ok()?;
                 let seen = s["cluster_live"].as_array().map_or(live, Vec::len);
-                (seen == live && Client::new().get(&health).await.ok()?.status == 200).then_some(())
+                let replicated = s["cluster"]["fully_replicated"].as_bool().unwrap_or(true);
+                (seen == live && replicated && Client::new().get(&health).await.ok()?.status == 200)
+                    .then_some(())
             }
         })
         .await

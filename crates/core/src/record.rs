@@ -184,10 +184,13 @@ impl Record {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Delta {
     /// Remove every attribute before applying `changes`.
+    // Defaults are left out of the encoding: deltas travel between nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub clear: bool,
     /// Attribute name to new JSON value, or `None` to remove it.
     pub changes: BTreeMap<String, Option<Box<RawValue>>>,
     /// A new inactivity timeout for this session, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_ms: Option<u64>,
 }
 

@@ -44,14 +44,24 @@
 //! (read-through), so a new owner never answers "no session" for a session
 //! that exists elsewhere, and never writes on a stale copy.
 //!
-//! A node is ready ([`ClusterStore::is_ready`], the node's `/health`) when
-//! membership has converged (every peer synced under this very view) and it
-//! holds its share; a new view makes it not ready until it has synced
-//! again. [`Status::fully_replicated`] says when every session it holds
-//! has all its copies, so a deploy may stop the next node.
+//! A node is *serving* ([`ClusterStore::is_serving`], the node's `/health`)
+//! once it has joined (seen `min_nodes` members: a node given seeds never
+//! takes itself for the whole cluster) and received its share, until it
+//! leaves. It is *ready* ([`ClusterStore::is_ready`]) while membership has
+//! converged (every peer synced under this very view) and it holds its
+//! share; a new view makes it not ready until it has synced again, but it
+//! keeps serving meanwhile (read-through answers correctly).
+//! [`Status::fully_replicated`] says when every session it holds has all
+//! its copies, so a deploy may stop the next node.
 //! [`ClusterStore::leave`] (the node's SIGTERM) announces the departure,
 //! hands every session to the nodes that hold it next and returns once
 //! they acknowledged: a rolling restart never drops a session to one copy.
+//!
+//! A member that refuses connections is dropped from the view by every node
+//! that talks to it within a round trip (a refused message, or a peer whose
+//! view differs, makes a node probe its members); one that stops gossiping
+//! but still accepts connections (frozen, cut off) after
+//! [`ClusterConfig::suspect_timeout`].
 //!
 //! Deletions leave tombstones (at least 2 minutes, or as long as the
 //! session could have lived), so a copy sent before a logout, or by a

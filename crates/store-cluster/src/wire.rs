@@ -43,10 +43,13 @@ pub fn framed(stream: TcpStream) -> Conn {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     /// The sending incarnation.
+    #[serde(rename = "f")]
     pub from: Member,
     /// The sender's view.
+    #[serde(rename = "v")]
     pub view: ViewId,
     /// The request.
+    #[serde(rename = "b")]
     pub body: Request,
 }
 

@@ -799,7 +799,7 @@ fn every_acknowledged_write_survives_random_membership_changes_under_load() {
             let n = std::env::var("SIM_SEEDS")
                 .ok()
                 .and_then(|s| s.parse().ok())
-                .unwrap_or(1000);
+                .unwrap_or(2000);
             (1..=n).collect()
         }
     };

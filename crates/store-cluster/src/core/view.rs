@@ -7,13 +7,26 @@ use serde::{Deserialize, Serialize};
 use tether_core::placement::{self, SEGMENTS};
 
 /// One incarnation of a node: a restarted node is a new member (a new
-/// generation) even under the same name.
+/// generation) even under the same name. Encoded as `[name, generation]`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "(String, u64)", into = "(String, u64)")]
 pub struct Member {
     /// The node's name (its backend ID at the balancer).
     pub name: String,
     /// When this incarnation started (a number that grows across restarts).
     pub generation: u64,
+}
+
+impl From<(String, u64)> for Member {
+    fn from((name, generation): (String, u64)) -> Self {
+        Self { name, generation }
+    }
+}
+
+impl From<Member> for (String, u64) {
+    fn from(m: Member) -> Self {
+        (m.name, m.generation)
+    }
 }
 
 impl Member {
