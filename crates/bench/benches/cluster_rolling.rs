@@ -90,13 +90,7 @@ async fn rolling(fleet: &mut Fleet, graceful: bool) -> (Duration, Tally) {
         .expect("writing");
     let started = Instant::now();
     for n in ["A", "B", "C"] {
-        if graceful {
-            fleet.stop(n).await;
-        } else {
-            fleet.kill(n).await;
-        }
-        fleet.boot(n).await;
-        fleet.wait_replicated().await;
+        fleet.restart(n, graceful).await;
     }
     let took = started.elapsed();
     progress

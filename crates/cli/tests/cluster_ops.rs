@@ -68,13 +68,7 @@ async fn rolling_restart(mode: &'static str, graceful: bool) -> Tally {
         16,
         async |fleet: &mut Fleet, progress: Progress| {
             for n in ["A", "B", "C"] {
-                if graceful {
-                    fleet.stop(n).await;
-                } else {
-                    fleet.kill(n).await;
-                }
-                fleet.boot(n).await;
-                fleet.wait_replicated().await;
+                fleet.restart(n, graceful).await;
                 // A deploy moves on once the node is healthy and serving.
                 progress.more(50, Duration::from_secs(60)).await.unwrap();
             }

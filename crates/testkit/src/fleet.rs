@@ -273,6 +273,22 @@ impl Fleet {
             .unwrap_or_else(|| panic!("{name} is not running"))
     }
 
+    /// Restarts node `name` on its addresses, gracefully (SIGTERM: it hands
+    /// its sessions off first) or not (SIGKILL), and waits until every node
+    /// is fully replicated again, as a deploy script would.
+    ///
+    /// # Panics
+    /// As [`Fleet::stop`], [`Fleet::boot`] and [`Fleet::wait_replicated`].
+    pub async fn restart(&mut self, name: &str, graceful: bool) {
+        if graceful {
+            self.stop(name).await;
+        } else {
+            self.kill(name).await;
+        }
+        self.boot(name).await;
+        self.wait_replicated().await;
+    }
+
     /// SIGTERM: the node hands its sessions off, then exits.
     ///
     /// # Panics
