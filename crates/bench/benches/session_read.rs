@@ -8,11 +8,9 @@
 //! cargo bench -p tether-bench --bench session_read -- [--seconds 5] [--rounds 3] [--connections 16]
 //! ```
 
-use std::net::SocketAddr;
-
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{arg, median, wrk, WrkResult};
+use tether_bench::{arg, median, serve_on_own_core, wrk, WrkResult};
 use tether_testkit::Client;
 
 fn tether_app() -> Router {
@@ -53,25 +51,6 @@ fn tower_sessions_app() -> Router {
         .route("/login", post(login))
         .route("/mypage", get(mypage))
         .layer(SessionManagerLayer::new(MemoryStore::default()).with_secure(false))
-}
-
-/// Serves `app` on its own thread with a single-threaded runtime.
-fn serve_on_own_core(app: Box<dyn FnOnce() -> Router + Send>) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            tx.send(listener.local_addr().expect("addr")).expect("send");
-            axum::serve(listener, app()).await.expect("serve");
-        });
-    });
-    rx.recv().expect("server address")
 }
 
 /// A server under test: its name, its router, its session cookie's name.

@@ -16,6 +16,8 @@ pub struct WrkResult {
     pub p99: Duration,
     /// Non-2xx/3xx responses plus socket errors.
     pub errors: u64,
+    /// Requests completed.
+    pub requests: u64,
 }
 
 /// Parses a `wrk --latency` report.
@@ -23,9 +25,11 @@ pub fn parse_wrk(report: &str) -> Option<WrkResult> {
     let mut rps = None;
     let (mut p50, mut p99) = (None, None);
     let mut errors = 0;
+    let mut requests = 0;
     for line in report.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
+            [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0),
             ["Requests/sec:", v] => rps = v.parse().ok(),
             ["50%", v] => p50 = parse_duration(v),
             ["99%", v] => p99 = parse_duration(v),
@@ -44,6 +48,7 @@ pub fn parse_wrk(report: &str) -> Option<WrkResult> {
         p50: p50?,
         p99: p99?,
         errors,
+        requests,
     })
 }
 
@@ -85,6 +90,57 @@ pub async fn wrk(
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
     parse_wrk(&text).ok_or_else(|| format!("unreadable wrk report:\n{text}"))
+}
+
+/// Runs `wrk` against `url` with a Lua `script` (its text; written to a
+/// temp file).
+///
+/// # Errors
+/// As [`wrk`].
+pub async fn wrk_script(
+    url: &str,
+    script: &str,
+    connections: u32,
+    seconds: u32,
+) -> Result<WrkResult, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let path = dir.path().join("script.lua");
+    std::fs::write(&path, script).map_err(|e| e.to_string())?;
+    let out = tokio::process::Command::new("wrk")
+        .args(["-t1", "--latency"])
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{seconds}s"))
+        .arg("-s")
+        .arg(&path)
+        .arg(url)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run wrk ({e}); install it with `apt-get install -y wrk`"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_wrk(&text).ok_or_else(|| format!("unreadable wrk report:\n{text}"))
+}
+
+/// Serves the router `app` builds on its own thread with a single-threaded
+/// runtime (one core per server); returns its address.
+///
+/// # Panics
+/// If it cannot bind a loopback port.
+pub fn serve_on_own_core(app: Box<dyn FnOnce() -> axum::Router + Send>) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send");
+            axum::serve(listener, app()).await.expect("serve");
+        });
+    });
+    rx.recv().expect("server address")
 }
 
 /// The value of `--name N` on the command line, or `default`.
@@ -129,6 +185,7 @@ Transfer/sec:     12.00MB
         assert_eq!(r.p50, Duration::from_micros(140));
         assert_eq!(r.p99, Duration::from_micros(1200));
         assert_eq!(r.errors, 7);
+        assert_eq!(r.requests, 500000);
     }
 
     #[test]

@@ -513,8 +513,9 @@ async fn cart(
     };
     let cart = session
         .modify("cart", |cart: &mut Option<Vec<String>>| {
+            // Runs again if another request changed the cart meanwhile.
             let cart = cart.get_or_insert_with(Vec::new);
-            cart.push(item.item);
+            cart.push(item.item.clone());
             cart.clone()
         })
         .await?;

@@ -182,6 +182,9 @@ impl MemoryStore {
         let Some(record) = self.live(old_map, old, now) else {
             return Ok(None);
         };
+        if !record.meets(delta) {
+            return Err(StoreError::Conflict);
+        }
         let (old_size, new_size) = (record.size(), record.size_after(delta));
         self.check_size(new_size)?;
         let collides = match new_map.as_deref_mut() {
@@ -253,6 +256,9 @@ impl SessionStore for MemoryStore {
         let Some(record) = self.live(&mut shard, id, now) else {
             return Ok(None);
         };
+        if !record.meets(delta) {
+            return Err(StoreError::Conflict);
+        }
         let (old, new) = (record.size(), record.size_after(delta));
         self.check_size(new)?;
         record.apply(delta, now);

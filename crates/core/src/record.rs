@@ -160,6 +160,13 @@ impl Record {
         self.version += 1;
     }
 
+    /// Whether `delta`'s conditions ([`Delta::expect`]) hold on this record.
+    pub fn meets(&self, delta: &Delta) -> bool {
+        delta.expect.iter().all(|(k, want)| {
+            self.attributes.get(k).map(|v| v.get()) == want.as_ref().map(|v| v.get())
+        })
+    }
+
     /// The size this record would have after `delta`, without applying it.
     pub fn size_after(&self, delta: &Delta) -> usize {
         let mut size = if delta.clear { 0 } else { self.size() };
@@ -192,12 +199,25 @@ pub struct Delta {
     /// A new inactivity timeout for this session, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_ms: Option<u64>,
+    /// Conditions: apply only if each named attribute still holds exactly
+    /// this JSON text (`None`: still absent). A store refuses the whole
+    /// delta with [`crate::StoreError::Conflict`] otherwise; this is how an
+    /// atomic read-modify-write (`Session::modify`) is made.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expect: BTreeMap<String, Option<Box<RawValue>>>,
 }
 
 impl Delta {
     /// Whether applying this delta would change nothing but the access time.
     pub fn is_empty(&self) -> bool {
         !self.clear && self.changes.is_empty() && self.idle_ms.is_none()
+    }
+
+    /// Makes the delta apply only if attribute `key` still holds `value`
+    /// (JSON text; `None`: still absent).
+    pub fn expect(&mut self, key: impl Into<String>, value: Option<Box<RawValue>>) -> &mut Self {
+        self.expect.insert(key.into(), value);
+        self
     }
 
     /// Sets `key` to the JSON text `value`.

@@ -32,6 +32,11 @@ pub enum StoreError {
     /// A session with that identifier already exists; nothing was written.
     #[error("session id already in use")]
     Collision,
+    /// A condition of the delta ([`crate::Delta::expect`]) no longer holds:
+    /// another request changed the attribute since it was read. Nothing was
+    /// written; read again and retry.
+    #[error("session attribute changed concurrently")]
+    Conflict,
     /// The store holds data it cannot decode. HTTP: 500.
     #[error("stored session is corrupt")]
     Corrupt(#[source] BoxError),
@@ -140,8 +145,9 @@ pub trait SessionStore: Send + Sync + 'static {
     /// expired session is never brought back).
     ///
     /// # Errors
-    /// [`StoreError::TooLarge`] if the result would exceed [`Self::max_size`];
-    /// the stored session is then unchanged.
+    /// [`StoreError::TooLarge`] if the result would exceed [`Self::max_size`],
+    /// [`StoreError::Conflict`] if a condition of [`Delta::expect`] does not
+    /// hold; the stored session is then unchanged.
     async fn apply(
         &self,
         id: &SessionId,

@@ -400,6 +400,102 @@ pub async fn concurrent_deltas_on_different_attributes<S: SessionStore>(store: A
     assert_eq!(back.version, 1 + (WRITERS * EACH) as u64);
 }
 
+/// A conditional delta applies only while its conditions hold, and a
+/// refused one changes nothing.
+pub async fn conditional_apply(store: &impl SessionStore) {
+    let now = Timestamp::now();
+    let r = record_with(now, &[("cart", "[\"a\"]"), ("other", "1")]);
+    store.create(&r).await.unwrap();
+
+    let mut d = delta(&[("cart", "[\"a\",\"b\"]")], &[]);
+    d.expect("cart", Some(json("[\"a\"]")));
+    assert_eq!(store.apply(&r.id, &d, now).await.unwrap(), Some(2));
+
+    // The same condition again: the attribute moved on, nothing is written.
+    let mut stale = delta(&[("cart", "[\"a\",\"c\"]"), ("other", "2")], &[]);
+    stale.expect("cart", Some(json("[\"a\"]")));
+    let got = store.apply(&r.id, &stale, now).await;
+    assert!(matches!(got, Err(StoreError::Conflict)), "{got:?}");
+    let back = must_load(store, &r.id, now).await;
+    assert_eq!(attr(&back, "cart").as_deref(), Some("[\"a\",\"b\"]"));
+    assert_eq!(
+        attr(&back, "other").as_deref(),
+        Some("1"),
+        "a refused delta wrote"
+    );
+    assert_eq!(back.version, 2);
+
+    // "Still absent" is a condition too.
+    let mut first = delta(&[("new", "1")], &[]);
+    first.expect("new", None);
+    assert_eq!(store.apply(&r.id, &first, now).await.unwrap(), Some(3));
+    let got = store.apply(&r.id, &first, now).await;
+    assert!(matches!(got, Err(StoreError::Conflict)), "{got:?}");
+    // A condition on a session that is gone is "no session", not a conflict.
+    assert_eq!(
+        store
+            .apply(&SessionId::random(), &first, now)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Many tasks append to one attribute at once, each by read, change and
+/// conditional write, again on a conflict: every append is there at the end.
+pub async fn concurrent_modifies_of_one_attribute<S: SessionStore>(store: Arc<S>) {
+    let now = Timestamp::now();
+    let r = record_with(now, &[]);
+    store.create(&r).await.unwrap();
+    const TASKS: usize = 8;
+    const EACH: usize = 20;
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (store, conflicts) = (store.clone(), conflicts.clone());
+        let id = r.id;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                loop {
+                    let current = store.load(&id, Load::at(now)).await.unwrap().unwrap();
+                    let old = current.attributes.get("cart").cloned();
+                    let mut cart: Vec<String> = old
+                        .as_deref()
+                        .map(|v| serde_json::from_str(v.get()).unwrap())
+                        .unwrap_or_default();
+                    cart.push(format!("t{t}-{i}"));
+                    let mut d = Delta::default();
+                    d.set("cart", serde_json::value::to_raw_value(&cart).unwrap());
+                    d.expect("cart", old);
+                    match store.apply(&id, &d, now).await {
+                        Ok(Some(_)) => break,
+                        Err(StoreError::Conflict) => {
+                            conflicts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let back = must_load(&*store, &r.id, now).await;
+    let cart: Vec<String> = serde_json::from_str(back.attributes["cart"].get()).unwrap();
+    assert_eq!(cart.len(), TASKS * EACH, "updates lost");
+    for t in 0..TASKS {
+        for i in 0..EACH {
+            assert!(cart.contains(&format!("t{t}-{i}")), "t{t}-{i} lost");
+        }
+    }
+    assert_eq!(
+        back.version,
+        1 + (TASKS * EACH) as u64,
+        "only successful writes count"
+    );
+}
+
 /// A session over the size limit is refused and the stored one is untouched.
 pub async fn oversized_refused_without_damage(store: &impl SessionStore) {
     let now = Timestamp::now();
@@ -484,7 +580,7 @@ macro_rules! store_conformance {
             apply_sets_and_removes, apply_clear, apply_missing_does_not_resurrect,
             delete_removes, rotate_moves_session, rotate_missing_and_collision,
             sliding_expiry, absolute_expiry, lazy_refresh, lazy_refresh_by_fraction, idle_change,
-            oversized_refused_without_damage, values_round_trip);
+            oversized_refused_without_damage, values_round_trip, conditional_apply);
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_deltas_on_different_attributes() {
@@ -493,6 +589,13 @@ macro_rules! store_conformance {
                 ::std::sync::Arc::new(store),
             )
             .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_modifies_of_one_attribute() {
+            let (store, _guard) = $make.await;
+            $crate::testing::concurrent_modifies_of_one_attribute(::std::sync::Arc::new(store))
+                .await;
         }
     };
     (@cases $make:expr; $($case:ident),*) => {

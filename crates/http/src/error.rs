@@ -41,6 +41,19 @@ pub enum SessionError {
         /// The store's limit.
         limit: usize,
     },
+    /// `Session::modify` lost the race for attribute `key` on every try:
+    /// other requests kept changing it. Nothing of this change was saved.
+    #[error("session attribute {key:?} changed concurrently {tries} times in a row; nothing was saved, try again")]
+    Contention {
+        /// The attribute.
+        key: String,
+        /// Tries made.
+        tries: u32,
+    },
+    /// The session ended (logout, expiry, a concurrent login) while this
+    /// request was changing it; nothing was saved.
+    #[error("session ended or was replaced by a concurrent request (logout, login, expiry); nothing was saved")]
+    Gone,
 }
 
 impl SessionError {
@@ -49,6 +62,7 @@ impl SessionError {
         match self {
             Self::Store(e) => store_status(e),
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Contention { .. } | Self::Gone => StatusCode::CONFLICT,
             Self::Encode { .. } | Self::Decode { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -58,6 +72,7 @@ pub(crate) fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        StoreError::Conflict => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

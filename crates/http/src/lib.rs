@@ -34,6 +34,11 @@
 //!    also records the access once a quarter of the inactivity window has
 //!    passed. A handler that never reads costs nothing.
 //! 3. Writes are collected as a delta of the attributes that changed.
+//!    [`Session::modify`] is the exception: it writes at once, conditionally
+//!    on the value it read, and runs again on a fresh value if another
+//!    request changed the attribute meanwhile, so concurrent changes of one
+//!    attribute never lose each other. [`Session::insert`] is a blind write
+//!    (the last writer wins).
 //! 4. After the handler, unless the response is a 5xx, the delta is saved in
 //!    one store operation, and a new or rotated ID goes back in `Set-Cookie`.
 //!

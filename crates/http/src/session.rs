@@ -48,6 +48,9 @@ struct Inner {
     /// The token the client sent (stateless mode).
     token: Option<String>,
     loaded: OnceCell<Option<Record>>,
+    /// What the store holds after this request's own writes and re-reads
+    /// (`modify`); when set it supersedes `loaded`.
+    fresh: Mutex<Option<Option<Record>>>,
     /// Subject and expiry of the verified token (stateless mode).
     verified: std::sync::OnceLock<tether_jwt::Verified>,
     state: Mutex<State>,
@@ -56,8 +59,9 @@ struct Inner {
 /// Where sessions live for a layer.
 #[derive(Clone)]
 pub(crate) enum Backend {
-    /// Server-side, in a store; the client holds the ID.
-    Store(Arc<dyn SessionStore>),
+    /// Server-side, in a store; the client holds the ID. `Turns` lets
+    /// this node's `modify`s of one session take turns.
+    Store(Arc<dyn SessionStore>, Arc<Turns>),
     /// Client-side, in a signed token.
     Jwt(Arc<crate::jwt::JwtSessions>),
 }
@@ -71,6 +75,9 @@ struct State {
     destroyed: bool,
     /// A store operation failed while the handler ran.
     failed: bool,
+    /// The session ended (logout, expiry, a concurrent login) while this
+    /// request was changing it.
+    gone: bool,
 }
 
 /// What saving the session asks of the response.
@@ -98,6 +105,53 @@ impl std::fmt::Debug for Session {
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock_fresh(m: &Mutex<Option<Option<Record>>>) -> MutexGuard<'_, Option<Option<Record>>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The `modify`s of one session on this node, one at a time, and how
+/// often they had to retry.
+#[derive(Default)]
+pub(crate) struct Turns {
+    held: Mutex<std::collections::HashMap<SessionId, std::sync::Weak<tokio::sync::Mutex<()>>>>,
+    pub(crate) retries: std::sync::atomic::AtomicU64,
+    pub(crate) gave_up: std::sync::atomic::AtomicU64,
+}
+
+impl Turns {
+    fn of(&self, id: &SessionId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(turn) = held.get(id).and_then(std::sync::Weak::upgrade) {
+            return turn;
+        }
+        if held.len() >= 1024 {
+            held.retain(|_, t| t.strong_count() > 0);
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        held.insert(*id, Arc::downgrade(&turn));
+        turn
+    }
+}
+
+/// How many times `modify` reads again and retries after another request
+/// changed the attribute first, before answering 409.
+const MODIFY_TRIES: u32 = 16;
+
+/// A random wait before try `attempt` of `modify`: up to 0.25 ms doubled
+/// per lost race, at most 20 ms.
+fn backoff(attempt: u32) -> std::time::Duration {
+    let cap_us = (250u64 << attempt.min(7)).min(20_000);
+    let r = u64::from_le_bytes(
+        SessionId::random().as_bytes()[..8]
+            .try_into()
+            .unwrap_or_default(),
+    );
+    std::time::Duration::from_micros(r % cap_us)
 }
 
 fn encode<T: Serialize>(key: &str, value: &T) -> Result<Box<RawValue>, SessionError> {
@@ -130,6 +184,7 @@ impl Session {
                 incoming,
                 token,
                 loaded: OnceCell::new(),
+                fresh: Mutex::new(None),
                 verified: std::sync::OnceLock::new(),
                 state: Mutex::new(State::default()),
             }),
@@ -166,7 +221,7 @@ impl Session {
     /// The stored session, loaded at most once per request.
     async fn record(&self) -> Result<Option<&Record>, SessionError> {
         let loaded = match &self.inner.backend {
-            Backend::Store(store) => {
+            Backend::Store(store, _) => {
                 let Some(id) = self.inner.incoming else {
                     return Ok(None);
                 };
@@ -214,6 +269,13 @@ impl Session {
                 return Ok(None);
             }
         }
+        if let Some(fresh) = &*lock_fresh(&self.inner.fresh) {
+            return fresh
+                .as_ref()
+                .and_then(|r| r.attributes.get(key))
+                .map(|raw| decode(key, raw))
+                .transpose();
+        }
         let record = self.record().await?;
         record
             .and_then(|r| r.attributes.get(key))
@@ -224,7 +286,10 @@ impl Session {
     /// Sets attribute `key` to `value`, creating the session if there is none.
     ///
     /// Does not load the session: a request that only writes costs one store
-    /// operation, at save time.
+    /// operation, at save time. A blind write: if another request changes
+    /// the same attribute at the same time, the last one saved wins. To
+    /// change a value from what it was (a cart, a counter), use
+    /// [`Session::modify`].
     ///
     /// ```
     /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
@@ -245,7 +310,9 @@ impl Session {
         self.set_raw(key, Some(raw))
     }
 
-    /// Removes attribute `key` and returns its old value.
+    /// Removes attribute `key` and returns its old value (saved with the
+    /// response; against a concurrent [`Session::insert`] of the same
+    /// attribute, the last one saved wins).
     ///
     /// ```
     /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
@@ -263,8 +330,27 @@ impl Session {
         Ok(old)
     }
 
-    /// Changes attribute `key` in place; the change is saved only if the value
-    /// actually changed. `None` means absent; leaving `None` removes it.
+    /// Changes attribute `key` in place, atomically: `f` gets the value as
+    /// stored and its change is written only if nobody changed the
+    /// attribute meanwhile; if another request did, the session is read
+    /// again and `f` runs again on the fresh value (so `f` may run more than
+    /// once and must only compute). Returns what the run that was stored
+    /// returned. `None` means absent; leaving `None` removes it.
+    ///
+    /// Two tabs adding to one cart both land, on every store (memory,
+    /// Redis, the replicated store): the write is conditional on the value
+    /// read, in the same atomic step. Unlike [`Session::insert`] the change
+    /// is written at once (together with this request's earlier changes),
+    /// not after the handler; a response that then fails still keeps it.
+    /// Costs one store round trip more than a read, and one more per lost
+    /// race. With signed tokens (`jwt`) there is no shared state to
+    /// condition on: two concurrent requests each issue a token and the
+    /// client keeps the last, so one of the two changes wins, whole.
+    ///
+    /// A session that is new in this request, or that this request clears,
+    /// destroys or rotates ([`Session::cycle_id`]), is changed in memory and
+    /// saved after the handler like any change: no other request can hold
+    /// its new ID yet.
     ///
     /// ```
     /// # async fn handler(session: tether::Session) -> Result<(), tether::SessionError> {
@@ -279,8 +365,110 @@ impl Session {
     /// ```
     ///
     /// # Errors
-    /// As [`Session::get`] and [`Session::insert`].
+    /// As [`Session::get`] and [`Session::insert`];
+    /// [`SessionError::Contention`] (409) when the attribute changed under it
+    /// on every one of 16 tries (nothing of this change is saved);
+    /// [`SessionError::Gone`] (409) when the session ended meanwhile.
     pub async fn modify<T, R>(
+        &self,
+        key: &str,
+        mut f: impl FnMut(&mut Option<T>) -> R,
+    ) -> Result<R, SessionError>
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        let Backend::Store(store, turns) = &self.inner.backend else {
+            return self.modify_here(key, f).await;
+        };
+        let Some(id) = self.raceable().await? else {
+            return self.modify_here(key, f).await;
+        };
+        let store = store.clone();
+        // Requests of one session on this node change it one at a time:
+        // they never collide in the store (those on other nodes still can,
+        // and retry).
+        let turn = turns.of(&id);
+        let (_turn, waited) = match turn.try_lock() {
+            Ok(t) => (t, false),
+            Err(_) => (turn.lock().await, true),
+        };
+        if waited {
+            // The request before this one has probably changed it.
+            match store.load(&id, Load::at(self.inner.now)).await {
+                Ok(fresh) => *lock_fresh(&self.inner.fresh) = Some(fresh),
+                Err(e) => return Err(self.store_failed(e)),
+            }
+        }
+        let now = self.inner.now;
+        for attempt in 0..MODIFY_TRIES {
+            let stored = {
+                let fresh = lock_fresh(&self.inner.fresh);
+                let current = match &*fresh {
+                    Some(r) => r.as_ref(),
+                    None => self.inner.loaded.get().and_then(Option::as_ref),
+                };
+                let Some(current) = current else {
+                    drop(fresh);
+                    return Err(self.ended());
+                };
+                current.attributes.get(key).cloned()
+            };
+            // This request's own earlier change of the key, if any, is what
+            // `f` builds on; the condition is on the stored value.
+            let pending = lock(&self.inner.state).delta.changes.get(key).cloned();
+            let start = pending.unwrap_or_else(|| stored.clone());
+            let mut value: Option<T> = start.as_deref().map(|raw| decode(key, raw)).transpose()?;
+            let out = f(&mut value);
+            let after = value.as_ref().map(|v| encode(key, v)).transpose()?;
+            if start.as_ref().map(|r| r.get()) == after.as_ref().map(|r| r.get()) {
+                return Ok(out);
+            }
+            let mut write = lock(&self.inner.state).delta.clone();
+            write.changes.insert(key.to_string(), after);
+            write.expect(key, stored);
+            match store.apply(&id, &write, now).await {
+                Ok(Some(_)) => {
+                    self.written(&write);
+                    return Ok(out);
+                }
+                Ok(None) => return Err(self.ended()),
+                Err(StoreError::Conflict) => {
+                    turns
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Another request changed it first: read it again.
+                    // Writers that keep colliding take turns: a random wait,
+                    // growing with each lost race, before the read (the
+                    // first retry goes at once).
+                    if attempt > 0 {
+                        tokio::time::sleep(backoff(attempt)).await;
+                    }
+                    match store.load(&id, Load::at(now)).await {
+                        Ok(fresh) => *lock_fresh(&self.inner.fresh) = Some(fresh),
+                        Err(e) => return Err(self.store_failed(e)),
+                    }
+                }
+                Err(StoreError::TooLarge { size, .. }) => {
+                    return Err(SessionError::TooLarge {
+                        size,
+                        limit: store.max_size(),
+                    })
+                }
+                Err(e) => return Err(self.store_failed(e)),
+            }
+        }
+        turns
+            .gave_up
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(SessionError::Contention {
+            key: key.to_string(),
+            tries: MODIFY_TRIES,
+        })
+    }
+
+    /// `modify` without a race to guard against: in this request's memory,
+    /// saved after the handler.
+    async fn modify_here<T, R>(
         &self,
         key: &str,
         f: impl FnOnce(&mut Option<T>) -> R,
@@ -296,6 +484,68 @@ impl Session {
             self.set_raw(key, after)?;
         }
         Ok(out)
+    }
+
+    /// The session's ID when other requests can be changing it at the same
+    /// time: it exists in the store and this request neither clears,
+    /// destroys nor rotates it.
+    async fn raceable(&self) -> Result<Option<SessionId>, SessionError> {
+        {
+            let state = lock(&self.inner.state);
+            if state.destroyed || state.rotate || state.delta.clear {
+                return Ok(None);
+            }
+        }
+        let Some(id) = self.inner.incoming else {
+            return Ok(None);
+        };
+        let exists = lock_fresh(&self.inner.fresh).as_ref().map(Option::is_some);
+        let exists = match exists {
+            Some(e) => e,
+            None => self.record().await?.is_some(),
+        };
+        Ok(exists.then_some(id))
+    }
+
+    /// `write` is stored: it is no longer this request's to save, and the
+    /// session as this request sees it moves on.
+    fn written(&self, write: &Delta) {
+        {
+            let mut state = lock(&self.inner.state);
+            for (k, v) in &write.changes {
+                let same =
+                    state.delta.changes.get(k).is_some_and(|p| {
+                        p.as_ref().map(|r| r.get()) == v.as_ref().map(|r| r.get())
+                    });
+                if same {
+                    state.delta.changes.remove(k);
+                }
+            }
+            if state.delta.idle_ms == write.idle_ms {
+                state.delta.idle_ms = None;
+            }
+        }
+        let mut fresh = lock_fresh(&self.inner.fresh);
+        let base = match &*fresh {
+            Some(r) => r.clone(),
+            None => self.inner.loaded.get().cloned().flatten(),
+        };
+        *fresh = Some(base.map(|mut r| {
+            r.apply(write, self.inner.now);
+            r
+        }));
+    }
+
+    /// The session ended while this request changed it.
+    fn ended(&self) -> SessionError {
+        lock(&self.inner.state).gone = true;
+        *lock_fresh(&self.inner.fresh) = Some(None);
+        SessionError::Gone
+    }
+
+    fn store_failed(&self, e: StoreError) -> SessionError {
+        lock(&self.inner.state).failed = true;
+        SessionError::Store(e)
     }
 
     /// Removes every attribute; the session (and its ID) stays.
@@ -380,7 +630,7 @@ impl Session {
     /// it owns), random for tokens.
     fn fresh_id(&self) -> SessionId {
         match &self.inner.backend {
-            Backend::Store(store) => store.propose_id(),
+            Backend::Store(store, _) => store.propose_id(),
             Backend::Jwt(_) => SessionId::random(),
         }
     }
@@ -396,7 +646,7 @@ impl Session {
         if let Backend::Jwt(jwt) = &self.inner.backend {
             return self.set_raw_token(jwt, key, value);
         }
-        let Backend::Store(store) = &self.inner.backend else {
+        let Backend::Store(store, _) = &self.inner.backend else {
             unreachable!("matched above")
         };
         let limit = store.max_size();
@@ -410,7 +660,12 @@ impl Session {
         let previous = state.delta.changes.insert(key.to_string(), value);
         // When the stored session is at hand, check the whole projected size
         // now, so the handler (not the save) sees the error.
-        if let Some(Some(record)) = self.inner.loaded.get() {
+        let fresh = lock_fresh(&self.inner.fresh);
+        let current = match &*fresh {
+            Some(r) => r.as_ref(),
+            None => self.inner.loaded.get().and_then(Option::as_ref),
+        };
+        if let Some(record) = current {
             if !state.destroyed {
                 let size = record.size_after(&state.delta);
                 if size > limit {
@@ -570,19 +825,23 @@ impl Session {
     /// Writes what this request changed; called once, after the handler.
     pub(crate) async fn save(&self) -> Result<Outcome, StoreError> {
         let store = match &self.inner.backend {
-            Backend::Store(store) => store,
+            Backend::Store(store, _) => store,
             Backend::Jwt(jwt) => return self.save_token(jwt).await,
         };
         let now = self.inner.now;
-        let (delta, rotate, destroyed, next_id) = {
+        let (delta, rotate, destroyed, next_id, gone) = {
             let mut state = lock(&self.inner.state);
             (
                 std::mem::take(&mut state.delta),
                 state.rotate,
                 state.destroyed,
                 state.next_id,
+                state.gone,
             )
         };
+        if gone && !destroyed {
+            return Ok(Outcome::Gone);
+        }
         // What the handler saw: Some(true) a live session, Some(false) none,
         // None not loaded (the cookie's ID is unverified).
         let seen = self.inner.loaded.get().map(Option::is_some);
@@ -665,7 +924,7 @@ impl Session {
             return Ok(Outcome::Nothing);
         }
         for _ in 0..8 {
-            let Backend::Store(store) = &self.inner.backend else {
+            let Backend::Store(store, _) = &self.inner.backend else {
                 unreachable!("stateless sessions are never created in a store")
             };
             match store.create(&record).await {

@@ -65,6 +65,17 @@ async fn logout(session: Session) -> Result<&'static str, SessionError> {
     Ok("bye")
 }
 
+async fn cart(session: Session, item: String) -> Result<String, SessionError> {
+    let cart = session
+        .modify("cart", |c: &mut Option<Vec<String>>| {
+            let c = c.get_or_insert_with(Vec::new);
+            c.push(item.clone());
+            c.clone()
+        })
+        .await?;
+    Ok(cart.join(","))
+}
+
 struct App {
     router: Router,
     clock: Arc<AtomicU64>,
@@ -98,6 +109,7 @@ fn app(keys: &str, revoke: bool) -> App {
         .route("/mypage", get(mypage))
         .route("/set", post(set))
         .route("/logout", post(logout))
+        .route("/cart", post(cart))
         .layer(SessionLayer::jwt(sessions).with_config(config));
     App {
         router,
@@ -490,4 +502,32 @@ async fn a_login_after_log_out_everywhere_is_not_revoked() {
         .unwrap();
     let r = app.send("GET", "/mypage", Some(&logged_in), "").await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+/// A token cannot merge two concurrent changes: each request issues a whole
+/// token of its own, the client keeps one of them. Never a corrupt token,
+/// never a mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_modifies_leave_one_writers_whole_token() {
+    let app = Arc::new(app(&hs_keys("k1", &[("k1", SECRET_1, false)]), false));
+    let token = app.login(7).await;
+    let base = app
+        .send("POST", "/cart", Some(&token), "first")
+        .await
+        .token
+        .unwrap();
+    let (a, b) = tokio::join!(
+        app.send("POST", "/cart", Some(&base), "left"),
+        app.send("POST", "/cart", Some(&base), "right")
+    );
+    for (r, item) in [(&a, "left"), (&b, "right")] {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert_eq!(r.body, format!("first,{item}"));
+        // Whichever token the client keeps verifies and holds that one
+        // writer's cart, whole.
+        let t = r.token.as_deref().unwrap();
+        let seen = app.send("POST", "/cart", Some(t), "check").await;
+        assert_eq!(seen.status, StatusCode::OK);
+        assert_eq!(seen.body, format!("first,{item},check"));
+    }
 }

@@ -81,7 +81,7 @@ async fn cart(session: Session, item: String) -> Result<String, SessionError> {
         .modify("cart", |c: &mut Option<Vec<String>>| {
             let c = c.get_or_insert_with(Vec::new);
             if !item.is_empty() {
-                c.push(item);
+                c.push(item.clone());
             }
             c.len()
         })
@@ -589,5 +589,187 @@ async fn a_shorter_per_session_timeout_is_kept_alive_by_reads() {
         app.advance(Duration::from_secs(60));
         let r = app.with_cookie("GET", "/mypage", id, "").await;
         assert_eq!(r.status, StatusCode::OK, "logged out at minute {minute}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_modifies_of_one_attribute_all_land() {
+    let app = Arc::new(app());
+    let id = app.login().await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for i in 0..10 {
+                let r = app
+                    .with_cookie("POST", "/cart", id, &format!("{t}{i}"))
+                    .await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+                seen.push(r.body.parse::<usize>().unwrap());
+            }
+            seen
+        }));
+    }
+    let mut lengths = Vec::new();
+    for t in tasks {
+        lengths.extend(t.await.unwrap());
+    }
+    let rec = app.stored(&id).await.unwrap();
+    let cart: Vec<String> = serde_json::from_str(rec.attributes["cart"].get()).unwrap();
+    assert_eq!(cart.len(), 80, "updates lost: {cart:?}");
+    for t in 0..8 {
+        for i in 0..10 {
+            assert!(cart.contains(&format!("{t}{i}")), "{t}{i} lost");
+        }
+    }
+    // Each answer is the cart as stored by that request: every length once.
+    lengths.sort_unstable();
+    assert_eq!(lengths, (1..=80).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_modify_costs_one_load_and_one_conditional_write() {
+    let app = app();
+    let id = app.login().await;
+    let before = app.store.calls();
+    let r = app.with_cookie("POST", "/cart", id, "book").await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "1"));
+    assert_eq!(
+        app.store.calls(),
+        before + 2,
+        "load + conditional apply, nothing at save"
+    );
+}
+
+/// What another request does to the session meanwhile.
+type Meanwhile = Arc<dyn Fn(&MemoryStore, &SessionId) + Send + Sync>;
+
+/// A store that, before each conditional write, lets `meanwhile` change the
+/// session as another request would.
+#[derive(Clone)]
+struct Racing {
+    inner: Arc<MemoryStore>,
+    meanwhile: Meanwhile,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for Racing {
+    async fn create(&self, r: &tether::Record) -> Result<(), tether::StoreError> {
+        self.inner.create(r).await
+    }
+    async fn load(
+        &self,
+        id: &SessionId,
+        load: Load,
+    ) -> Result<Option<tether::Record>, tether::StoreError> {
+        self.inner.load(id, load).await
+    }
+    async fn apply(
+        &self,
+        id: &SessionId,
+        d: &tether::Delta,
+        now: Timestamp,
+    ) -> Result<Option<u64>, tether::StoreError> {
+        if !d.expect.is_empty() {
+            (self.meanwhile)(&self.inner, id);
+        }
+        self.inner.apply(id, d, now).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool, tether::StoreError> {
+        self.inner.delete(id).await
+    }
+    async fn rotate(
+        &self,
+        old: &SessionId,
+        new: &SessionId,
+        d: &tether::Delta,
+        now: Timestamp,
+    ) -> Result<Option<u64>, tether::StoreError> {
+        self.inner.rotate(old, new, d, now).await
+    }
+}
+
+fn racing_app(meanwhile: impl Fn(&MemoryStore, &SessionId) + Send + Sync + 'static) -> Router {
+    let store = Racing {
+        inner: Arc::new(MemoryStore::new()),
+        meanwhile: Arc::new(meanwhile),
+    };
+    Router::new()
+        .route("/login", post(login))
+        .route("/cart", post(cart))
+        .layer(SessionLayer::new(store))
+}
+
+async fn call(router: &Router, path: &str, cookie: Option<SessionId>, body: &str) -> Reply {
+    let mut req = Request::builder().method("POST").uri(path);
+    if let Some(id) = cookie {
+        req = req.header("cookie", format!("SESSION={id}"));
+    }
+    let res = router
+        .clone()
+        .oneshot(req.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (res.status(), res.headers().clone());
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+}
+
+/// Another request appends before every one of this request's writes: the
+/// attribute never holds still, so after 16 tries the answer is 409, and
+/// nothing of this request is saved.
+#[tokio::test]
+async fn endless_contention_is_409_and_saves_nothing() {
+    let router = racing_app(|store, id| {
+        let now = Timestamp::now();
+        let mut rec = futures_now(store.load(id, Load::at(now))).unwrap().unwrap();
+        let mut cart: Vec<String> = rec
+            .attributes
+            .get("cart")
+            .map(|v| serde_json::from_str(v.get()).unwrap())
+            .unwrap_or_default();
+        cart.push("other".into());
+        let mut d = tether::Delta::default();
+        d.set("cart", serde_json::value::to_raw_value(&cart).unwrap());
+        futures_now(store.apply(id, &d, now)).unwrap().unwrap();
+        rec.version += 1;
+    });
+    let login = call(&router, "/login", None, "7").await;
+    let id = login.issued().unwrap();
+    let r = call(&router, "/cart", Some(id), "mine").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("changed concurrently"), "{}", r.body);
+}
+
+/// The session is logged out elsewhere between this request's read and its
+/// write: 409, and no new session is made for it.
+#[tokio::test]
+async fn a_session_ended_during_modify_is_409_and_not_recreated() {
+    let router = racing_app(|store, id| {
+        futures_now(store.delete(id)).unwrap();
+    });
+    let login = call(&router, "/login", None, "7").await;
+    let id = login.issued().unwrap();
+    let r = call(&router, "/cart", Some(id), "mine").await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(
+        r.issued().is_none(),
+        "a new session was issued: {:?}",
+        r.set_cookies()
+    );
+}
+
+/// MemoryStore's futures complete at once: run one from a sync hook.
+fn futures_now<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::noop();
+    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("MemoryStore never waits"),
     }
 }

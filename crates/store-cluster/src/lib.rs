@@ -173,6 +173,7 @@ impl Drop for ClusterStore {
 fn refusal(r: Refusal) -> StoreError {
     match r {
         Refusal::Collision => StoreError::Collision,
+        Refusal::Conflict => StoreError::Conflict,
         Refusal::TooLarge { size, limit } => StoreError::TooLarge { size, limit },
         Refusal::Unavailable(msg) => {
             let e: tether_core::BoxError = msg.into();
@@ -402,6 +403,9 @@ impl SessionStore for ClusterStore {
         let Some(mut record) = self.load(old, Load::at(now)).await? else {
             return Ok(None);
         };
+        if !record.meets(delta) {
+            return Err(StoreError::Conflict);
+        }
         let size = record.size_after(delta);
         let limit = self.max_size();
         if size > limit {

@@ -189,6 +189,8 @@ pub enum Outcome {
 pub enum Refusal {
     /// A create found the ID taken.
     Collision,
+    /// A conditional write found the attribute changed.
+    Conflict,
     /// A write exceeded the size limit.
     TooLarge {
         /// The size it would have had.

@@ -347,6 +347,13 @@ impl RedisStore {
         for k in removes {
             inv.arg(k.as_str());
         }
+        inv.arg(delta.expect.len());
+        for (k, v) in &delta.expect {
+            match v {
+                Some(v) => inv.arg(k.as_str()).arg("1").arg(v.get()),
+                None => inv.arg(k.as_str()).arg("0").arg(""),
+            };
+        }
     }
 }
 
@@ -485,6 +492,7 @@ fn applied(v: Value) -> Result<Option<u64>, StoreError> {
                     Err(StoreError::TooLarge { size, limit: 0 })
                 }
                 Some(b"collision") => Err(StoreError::Collision),
+                Some(b"conflict") => Err(StoreError::Conflict),
                 _ => Err(corrupt("unexpected script answer")),
             }
         }
@@ -598,6 +606,9 @@ impl SessionStore for RedisStore {
             let Some(mut record) = self.load(old, Load::at(now)).await? else {
                 return Ok(None);
             };
+            if !record.meets(delta) {
+                return Err(StoreError::Conflict);
+            }
             let size = record.size_after(delta);
             if size > self.max_size {
                 return Err(StoreError::TooLarge {

@@ -29,9 +29,11 @@ end
 ";
 
 /// Shared Lua: apply a delta. ARGV from index `i`: now, limit, clear,
-/// idle (-1 = unchanged), nsets, name/json pairs, nremoves, names.
-/// Returns the new version, false if there is no live session, or
-/// {'too_large', size} without writing anything.
+/// idle (-1 = unchanged), nsets, name/json pairs, nremoves, names, nexpect,
+/// name/present('1' or '0')/json triples (the delta's conditions).
+/// Returns the new version, false if there is no live session,
+/// {'conflict'} if a condition does not hold, or {'too_large', size}, the
+/// last two without writing anything.
 const APPLY_FN: &str = r"
 local function tether_apply(key, a, i)
   local now = tonumber(a[i])
@@ -73,6 +75,17 @@ local function tether_apply(key, a, i)
       end
     end
     j = j + 1
+  end
+  local nexp = tonumber(a[j]) or 0
+  j = j + 1
+  for _ = 1, nexp do
+    local have = redis.call('HGET', key, 'attr:' .. a[j])
+    if a[j + 1] == '1' then
+      if have ~= a[j + 2] then return {'conflict'} end
+    elseif have then
+      return {'conflict'}
+    end
+    j = j + 3
   end
   if size > limit then return {'too_large', string.format('%d', size)} end
   if clear then

@@ -46,7 +46,7 @@ impl SessionLayer {
     /// A layer over a store shared with other code (to read its statistics, say).
     pub fn from_arc(store: Arc<dyn SessionStore>) -> Self {
         Self {
-            backend: Backend::Store(store),
+            backend: Backend::Store(store, Arc::default()),
             config: Arc::new(SessionConfig::default()),
         }
     }
@@ -56,6 +56,19 @@ impl SessionLayer {
         Self {
             backend: Backend::Jwt(Arc::new(sessions)),
             config: Arc::new(SessionConfig::default()),
+        }
+    }
+
+    /// How many times `Session::modify` read again and retried because
+    /// another request changed the attribute first, and how many times it
+    /// gave up (409), through this layer so far.
+    pub fn modify_retries(&self) -> (u64, u64) {
+        match &self.backend {
+            Backend::Store(_, turns) => (
+                turns.retries.load(std::sync::atomic::Ordering::Relaxed),
+                turns.gave_up.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            Backend::Jwt(_) => (0, 0),
         }
     }
 

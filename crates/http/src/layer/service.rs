@@ -173,7 +173,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         let (session, via) = match &self.backend {
-            Backend::Store(_) => {
+            Backend::Store(..) => {
                 let (id, via) = incoming(req.headers(), &config);
                 (
                     Session::new(self.backend.clone(), config.clone(), id, None),

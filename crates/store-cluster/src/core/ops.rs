@@ -333,6 +333,7 @@ impl Core {
                 )),
                 Err(Refused::Collision) => Err(Err(Refusal::Collision)),
                 Err(Refused::TooLarge(size)) => Err(too_large(size)),
+                Err(Refused::Conflict) => Err(Err(Refusal::Conflict)),
             },
             Op::Apply(id, delta, at) => match self.store.apply(id, delta, *at, stamp, max) {
                 Ok(Some(r)) => Ok((
@@ -347,6 +348,7 @@ impl Core {
                 )),
                 Ok(None) | Err(Refused::Collision) => Err(Ok(Outcome::Version(None))),
                 Err(Refused::TooLarge(size)) => Err(too_large(size)),
+                Err(Refused::Conflict) => Err(Err(Refusal::Conflict)),
             },
             Op::Delete(id, at) => {
                 let at = (*at).max(self.now);

@@ -147,6 +147,18 @@ impl Stored {
             .sum()
     }
 
+    /// Whether `delta`'s conditions ([`Delta::expect`]) hold.
+    fn meets(&self, delta: &Delta) -> bool {
+        delta.expect.iter().all(|(key, want)| {
+            let have = self
+                .attrs
+                .iter()
+                .find(|(k, _)| **k == **key)
+                .map(|(_, v)| v.get());
+            have == want.as_ref().map(|v| v.get())
+        })
+    }
+
     /// The size after `delta`, without applying it.
     fn size_after(&self, delta: &Delta) -> usize {
         let mut size = if delta.clear { 0 } else { self.size() };
@@ -303,6 +315,9 @@ pub enum Refused {
     Collision,
     /// The session would exceed the size limit.
     TooLarge(usize),
+    /// A condition of the delta does not hold (another request changed
+    /// the attribute).
+    Conflict,
 }
 
 impl Store {
@@ -379,6 +394,9 @@ impl Store {
         let Some(s) = seg.live.get(id).filter(|s| !s.is_expired(now)) else {
             return Ok(None);
         };
+        if !s.meets(delta) {
+            return Err(Refused::Conflict);
+        }
         let size = s.size_after(delta);
         if size > max_size {
             return Err(Refused::TooLarge(size));
