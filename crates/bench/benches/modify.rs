@@ -190,6 +190,48 @@ fn main() {
                 }
             }
         }
+        // Two nodes sharing one Redis, one session, half the connections on
+        // each: races between nodes are retried in the store, not queued.
+        let two: Vec<(&str, bool)> = vec![("tether+redis modify, 2 nodes", true), ("tether+redis get+insert, 2 nodes", false)];
+        let mut cross = Vec::new();
+        for (name, atomic) in two {
+            let layers = [redis_layer(redis.url()), redis_layer(redis.url())];
+            let addrs: Vec<SocketAddr> = layers
+                .iter()
+                .map(|l| {
+                    let l = l.clone();
+                    serve_on_own_core(Box::new(move || tether_app(l, atomic)))
+                })
+                .collect();
+            let client = Client::new();
+            client.post_form(&format!("http://{}/login", addrs[0]), "").await.expect("login");
+            let cookie = vec![format!("SESSION={}", client.cookie("SESSION").expect("cookie"))];
+            let mut runs = Vec::new();
+            let (mut lost, mut answered, mut retries, mut gave_up) = (0, 0, 0, 0);
+            for _ in 0..rounds {
+                let before = counters(addrs[0], &cookie).await;
+                let s0: Vec<(u64, u64)> = layers.iter().map(|l| l.modify_retries()).collect();
+                let text = script(&cookie);
+                let (u0, u1) = (format!("http://{}/incr", addrs[0]), format!("http://{}/incr", addrs[1]));
+                let (a, b) = tokio::join!(
+                    wrk_script(&u0, &text, connections / 2, seconds),
+                    wrk_script(&u1, &text, connections / 2, seconds)
+                );
+                let (a, b) = (a.unwrap_or_else(|e| panic!("{e}")), b.unwrap_or_else(|e| panic!("{e}")));
+                let after = counters(addrs[0], &cookie).await;
+                let s1: Vec<(u64, u64)> = layers.iter().map(|l| l.modify_retries()).collect();
+                let ok = a.requests - a.errors + b.requests - b.errors;
+                answered += ok;
+                lost += ok.saturating_sub(after - before);
+                if atomic {
+                    retries += s1.iter().zip(&s0).map(|(x, y)| x.0 - y.0).sum::<u64>();
+                    gave_up += s1.iter().zip(&s0).map(|(x, y)| x.1 - y.1).sum::<u64>();
+                }
+                eprintln!("{name}: {:.0} req/s, answered {ok}, stored {}, errors {}", a.rps + b.rps, after - before, a.errors + b.errors);
+                runs.push((a.rps + b.rps, a.p99.max(b.p99)));
+            }
+            cross.push((name, atomic, runs, lost, answered, retries, gave_up));
+        }
         println!("| shape | server | req/s (median of {rounds}) | p99 ms | vs get+insert on the same store | updates lost | retries per 1000 | 409s |");
         println!("|---|---|---|---|---|---|---|---|");
         for (s, (shape, _)) in shapes.iter().enumerate() {
@@ -210,6 +252,17 @@ fn main() {
                 );
             }
         }
-        println!("\n{seconds} s per run, {rounds} rounds, wrk -t1 -c{connections} POST /incr, each server on its own core; Redis on loopback");
+        let base = median(cross[1].2.iter().map(|r| r.0).collect());
+        for (name, atomic, runs, lost, answered, retries, gave_up) in &cross {
+            let rps = median(runs.iter().map(|r| r.0).collect());
+            let p99 = median(runs.iter().map(|r| r.1.as_secs_f64() * 1e3).collect());
+            println!(
+                "| one session, two nodes | {name} | {rps:.0} | {p99:.2} | {} | {lost} of {answered} | {} | {} |",
+                if *atomic { format!("{:.2}", rps / base) } else { String::new() },
+                if *atomic { format!("{:.1}", *retries as f64 * 1000.0 / (*answered).max(1) as f64) } else { String::new() },
+                if *atomic { gave_up.to_string() } else { String::new() },
+            );
+        }
+        println!("\n{seconds} s per run, {rounds} rounds, wrk -t1 -c{connections} POST /incr (two nodes: two wrk with half each), each server on its own core; Redis on loopback");
     });
 }
