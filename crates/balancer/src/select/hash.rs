@@ -192,7 +192,9 @@ pub struct Owner {
 impl Select for Owner {
     fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice {
         // A malformed cookie is "no session", exactly as the nodes treat it.
-        let id = cookie_value(req.headers, &self.cookie).and_then(|v| SessionId::parse(v).ok());
+        let id = cookie_value(req.headers, &self.cookie)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| SessionId::parse(v).ok());
         match id {
             Some(id) => {
                 let order = rendezvous(id.as_bytes(), pool);
