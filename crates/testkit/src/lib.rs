@@ -9,12 +9,14 @@
 //!   ports, as a browser shares `localhost` cookies across ports: exactly the
 //!   situation of one user talking to several servers.
 //! - [`RedisServer`] starts a private `redis-server` in a temp dir.
+//! - [`TestCa`] issues certificates for TLS tests, made fresh in each run.
 //! - [`eventually`] polls a condition with a deadline instead of sleeping.
 
 mod client;
 mod fault;
 mod process;
 mod redis;
+mod tls;
 
 /// The Redis client the kit uses, for tests that talk to its servers.
 pub use ::redis as redis_client;
@@ -23,6 +25,7 @@ pub use client::{Client, Response};
 pub use fault::Isolation;
 pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
+pub use tls::{tls_connect, TestCa};
 
 /// Signal numbers for [`Process::signal`].
 pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};

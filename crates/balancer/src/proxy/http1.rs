@@ -14,12 +14,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::Sleep;
 
 use super::attempt::{Attempts, Failure, Step};
+use super::backend::{await_head, send_head};
+use super::hooks;
 use super::refusal::{Refusal, Reply};
 use super::request::{plan_request, Origin, Plan};
 use super::response::{plan_response, route_cookie, Answer};
-use super::{
-    arm, fill, send_by, timed, InFlight, Io, LINGER, MAX_RESPONSE_HEAD, READ_SPACE, SEND_TIMEOUT,
-};
+use super::{arm, fill, send_by, timed, InFlight, Io, LINGER, READ_SPACE, SEND_TIMEOUT};
 use crate::config::Config;
 use crate::h1::{self, Framing};
 use crate::upstream::Conn;
@@ -325,9 +325,7 @@ impl<S: Io> Client<S> {
             {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.record_failure(g, i);
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(backend = %member.id, error = %e, "connect failed; trying the next backend");
+                    hooks::connect_failed(shared, g, i, &e);
                     attempts.connect_failed();
                     continue;
                 }
@@ -361,18 +359,9 @@ impl<S: Io> Client<S> {
             match tried {
                 Tried::Answered(answer) => {
                     let answered = Instant::now();
-                    stats.latency.observe(answered - started);
-                    let class = usize::from(answer.status / 100).clamp(1, 5) - 1;
-                    stats.responses[class].fetch_add(1, Ordering::Relaxed);
-                    if answer.status >= 500 && config.health.passive_5xx {
-                        shared.record_failure(g, i);
-                    } else {
-                        shared.record_success(g, i);
-                    }
-                    if set_cookie.is_some() {
-                        stats.cookies_issued.fetch_add(1, Ordering::Relaxed);
-                    }
-                    self.event(shared, &plan, answer.status, answer.node.clone(), now);
+                    let times = (started, answered);
+                    hooks::answered(shared, g, i, answer.status, times, set_cookie.is_some());
+                    hooks::event(shared, &plan, answer.status, answer.node.clone(), now);
                     if answer.tunnel {
                         let idle = Config::ms(config.limits.tunnel_timeout_ms);
                         self.tunnel(up, stats, idle).await;
@@ -398,16 +387,7 @@ impl<S: Io> Client<S> {
                         tracing::debug!(backend = %member.id, "kept-alive connection was closed; retrying on a new one");
                         continue;
                     }
-                    shared.record_failure(g, i);
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    match failure {
-                        Failure::Timeout => {
-                            tracing::warn!(backend = %member.id, timeout = ?wait, "backend timed out");
-                        }
-                        _ => {
-                            tracing::warn!(backend = %member.id, "backend failed before response headers");
-                        }
-                    }
+                    hooks::failed(shared, g, i, failure, wait);
                 }
             }
         };
@@ -416,7 +396,7 @@ impl<S: Io> Client<S> {
         // A streamed body that was not read to its end leaves the
         // connection mid-message.
         let close = !plan.keep_alive || !buffered;
-        self.event(shared, &plan, refusal.status(), None, now);
+        hooks::event(shared, &plan, refusal.status(), None, now);
         self.answer(&plan.reply(refusal, close)).await
     }
 
@@ -485,27 +465,8 @@ impl<S: Io> Client<S> {
         stopping: bool,
     ) -> Result<Tried, StreamError> {
         arm(&mut self.timer, started + wait);
-        let mut written = 0;
-        let sent = timed(&mut self.timer, async {
-            while written < self.up.len() {
-                match up.io.write(&self.up[written..]).await {
-                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                    Ok(n) => written += n,
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok::<(), std::io::Error>(())
-        })
-        .await;
-        match sent {
-            Some(Ok(())) => {}
-            // A kept-alive connection the backend had closed: if not a byte
-            // was taken, nothing reached the application.
-            Some(Err(_)) => {
-                let unsent = written == 0 || plan.idempotent;
-                return Ok(Tried::Failed(Failure::Broken, up.reused && unsent));
-            }
-            None => return Ok(Tried::Failed(Failure::Timeout, false)),
+        if let Err((f, unsent)) = send_head(up, &mut self.timer, &self.up, plan.idempotent).await {
+            return Ok(Tried::Failed(f, unsent));
         }
         if !buffered {
             if plan.expect_continue && !self.continue_100().await {
@@ -515,67 +476,15 @@ impl<S: Io> Client<S> {
             // The wait for the answer starts when the upload ends.
             arm(&mut self.timer, Instant::now() + wait);
         }
-        loop {
-            if !up.buf.is_empty() {
-                let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-                let mut res = httparse::Response::new(&mut fields);
-                match res.parse(&up.buf) {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let status = res.code.unwrap_or(0);
-                        // Interim responses are the balancer's business; a
-                        // 101 ends the exchange (a tunnel, or refused when
-                        // no upgrade was forwarded).
-                        if (100..200).contains(&status) && status != 101 {
-                            up.buf.advance(n);
-                            continue;
-                        }
-                        let Ok(answer) =
-                            plan_response(&mut self.out, &res, plan, set_cookie, stopping)
-                        else {
-                            return Ok(Tried::Failed(Failure::Broken, false));
-                        };
-                        up.buf.advance(n);
-                        return Ok(Tried::Answered(answer));
-                    }
-                    Ok(httparse::Status::Partial) if up.buf.len() < MAX_RESPONSE_HEAD => {}
-                    Ok(httparse::Status::Partial) | Err(_) => {
-                        return Ok(Tried::Failed(Failure::Broken, false))
-                    }
-                }
-            }
-            let nothing_yet = up.buf.is_empty();
-            match timed(&mut self.timer, fill(&mut up.io, &mut up.buf)).await {
-                Some(Ok(n)) if n > 0 => {}
-                // Closed or reset before any response byte.
-                Some(_) => {
-                    return Ok(Tried::Failed(
-                        Failure::Broken,
-                        nothing_yet && up.reused && plan.idempotent,
-                    ))
-                }
-                None => return Ok(Tried::Failed(Failure::Timeout, false)),
-            }
-        }
-    }
-
-    /// Publishes the request to live views, when any watch.
-    fn event(
-        &self,
-        shared: &Shared,
-        plan: &Plan,
-        status: u16,
-        backend: Option<String>,
-        since: Instant,
-    ) {
-        if let Some((method, path)) = &plan.described {
-            let _ = shared.events.send(crate::RequestEvent {
-                method: method.clone(),
-                path: path.clone(),
-                status,
-                backend,
-                ms: since.elapsed().as_secs_f64() * 1e3,
-            });
-        }
+        let out = &mut self.out;
+        let answered = await_head(up, &mut self.timer, plan.idempotent, |res| {
+            plan_response(out, res, plan, set_cookie, stopping).ok()
+        })
+        .await;
+        Ok(match answered {
+            Ok(answer) => Tried::Answered(answer),
+            Err((f, unsent)) => Tried::Failed(f, unsent),
+        })
     }
 }
 

@@ -23,7 +23,9 @@
 //! axum the admin listener.
 
 pub(crate) mod attempt;
+mod backend;
 mod body;
+mod hooks;
 pub(crate) mod http1;
 pub(crate) mod http2;
 pub(crate) mod refusal;

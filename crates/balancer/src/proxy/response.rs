@@ -33,19 +33,26 @@ pub(crate) fn passes(name: &str, tokens: &[&str]) -> bool {
     !is_hop_by_hop(name) && !tokens.iter().any(|t| is(name, t))
 }
 
-/// Writes the head to send the client for a backend's response.
-pub(crate) fn plan_response(
-    out: &mut Vec<u8>,
-    res: &httparse::Response<'_, '_>,
+/// What any client protocol decides alike about a backend's response head.
+pub(crate) struct Shape<'a> {
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
+    /// The backend's `Connection` tokens.
+    pub(crate) tokens: Vec<&'a str>,
+    /// The backend connection may serve another request afterwards.
+    pub(crate) reusable: bool,
+}
+
+/// Reads a backend's response head: its framing and whether the backend
+/// connection can be reused.
+pub(crate) fn shape<'a>(
+    res: &httparse::Response<'_, 'a>,
     plan: &Plan,
-    set_cookie: Option<&str>,
-    stopping: bool,
-) -> Result<Answer, FrameError> {
+) -> Result<Shape<'a>, FrameError> {
     let status = res.code.unwrap_or(0);
-    let fields: &[Header<'_>] = res.headers;
+    let fields: &[Header<'a>] = res.headers;
     let http11 = res.version == Some(1);
-    let tunnel = status == 101;
-    if tunnel && !plan.upgrade {
+    if status == 101 && !plan.upgrade {
         // A switch nobody asked for: nothing after it can be read as HTTP.
         return Err(FrameError::Coding);
     }
@@ -57,6 +64,30 @@ pub(crate) fn plan_response(
         && fields.iter().any(|h| is(h.name, "transfer-encoding"));
     let backend_close = tokens.iter().any(|t| t.eq_ignore_ascii_case("close"))
         || (!http11 && !tokens.iter().any(|t| t.eq_ignore_ascii_case("keep-alive")));
+    Ok(Shape {
+        status,
+        framing,
+        reusable: status != 101 && !backend_close && !ambiguous && framing != Framing::Close,
+        tokens,
+    })
+}
+
+/// Writes the head to send the client for a backend's response.
+pub(crate) fn plan_response(
+    out: &mut Vec<u8>,
+    res: &httparse::Response<'_, '_>,
+    plan: &Plan,
+    set_cookie: Option<&str>,
+    stopping: bool,
+) -> Result<Answer, FrameError> {
+    let Shape {
+        status,
+        framing,
+        tokens,
+        reusable,
+    } = shape(res, plan)?;
+    let fields: &[Header<'_>] = res.headers;
+    let tunnel = status == 101;
     let dechunk = framing == Framing::Chunked && plan.http10;
     let close_client = !plan.keep_alive || stopping || framing == Framing::Close || dechunk;
     let mut node = None;
@@ -120,7 +151,7 @@ pub(crate) fn plan_response(
         status,
         framing,
         dechunk,
-        reusable: !tunnel && !backend_close && !ambiguous && framing != Framing::Close,
+        reusable,
         close_client: close_client || tunnel,
         tunnel,
         node,
