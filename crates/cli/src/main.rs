@@ -65,7 +65,7 @@ struct KeygenArgs {
 struct LbArgs {
     /// A TOML configuration file (reloaded on SIGHUP or POST /reload); other
     /// routing flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["listen", "backends", "policy", "tls_cert", "redirect_http", "h2c", "max_connections", "tunnel_timeout_ms"])]
+    #[arg(long, conflicts_with_all = ["listen", "backends", "policy", "tls_cert", "redirect_http", "h2c", "max_connections", "tunnel_timeout_ms", "body_timeout_ms", "drain_timeout_ms"])]
     config: Option<std::path::PathBuf>,
     /// Address for clients; port 0 picks a free port (printed on stdout).
     #[arg(long)]
@@ -121,6 +121,12 @@ struct LbArgs {
     /// Close a WebSocket tunnel after this long without traffic, ms.
     #[arg(long)]
     tunnel_timeout_ms: Option<u64>,
+    /// Time a client has to send a whole request body, ms.
+    #[arg(long)]
+    body_timeout_ms: Option<u64>,
+    /// On shutdown, cut requests and tunnels still open after this long, ms.
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
     /// Token the admin listener requires (`Authorization: Bearer TOKEN`);
     /// also read from TETHER_ADMIN_TOKEN.
     #[arg(long)]
@@ -377,8 +383,15 @@ fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
     if let Some(n) = args.max_connections {
         config.limits.max_connections = n;
     }
-    if let Some(ms) = args.tunnel_timeout_ms {
-        config.limits.tunnel_timeout_ms = ms;
+    let limits = &mut config.limits;
+    for (flag, field) in [
+        (args.tunnel_timeout_ms, &mut limits.tunnel_timeout_ms),
+        (args.body_timeout_ms, &mut limits.body_timeout_ms),
+        (args.drain_timeout_ms, &mut limits.drain_timeout_ms),
+    ] {
+        if let Some(ms) = flag {
+            *field = ms;
+        }
     }
     config.resolve().context("invalid configuration")?;
     Ok(config)
