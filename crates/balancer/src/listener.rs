@@ -89,15 +89,22 @@ pub(crate) async fn drain(shared: &Shared, mut connections: JoinSet<()>) {
     }
 }
 
-/// Serves one accepted connection.
 async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: bool) {
     let _ = stream.set_nodelay(true);
     if !tls {
         if let Some((io, read)) = http1::serve(shared.clone(), stream, peer, false).await {
-            http2::serve(shared, Rewound { read, io }, peer, false).await;
+            Box::pin(http2::serve(shared, Rewound { read, io }, peer, false)).await;
         }
         return;
     }
+    // Boxed, as every path but plain HTTP/1.1: each connection's task is as
+    // large as its largest path, and an idle WebSocket keeps all of it.
+    Box::pin(tls_connection(shared, stream, peer)).await;
+}
+
+/// Serves a connection on a TLS listener: the handshake, then the
+/// protocol ALPN chose.
+async fn tls_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let (config, handshake_timeout) = {
         let g = shared.current.load();
         let Some(config) = g.tls.clone() else {

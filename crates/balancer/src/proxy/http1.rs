@@ -180,25 +180,30 @@ impl<S: Io> Client<S> {
                 && (fresh_line || self.buf.len() >= max_head)
             {
                 parsed_upto = self.buf.len();
-                let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-                let mut req = httparse::Request::new(&mut fields);
-                let parsed = req.parse(&self.buf);
-                let outcome = match parsed {
-                    Ok(httparse::Status::Complete(n)) => {
-                        let g = shared.current.load_full();
-                        let watched = shared.events.receiver_count() > 0;
-                        let now = Instant::now();
-                        Some(
-                            plan_request(&mut self.up, &req, n, self.origin, &g, watched, now)
-                                .map(|plan| (plan, g, now))
-                                .map_err(|r| (r, n)),
-                        )
+                // The parsed fields (3 KiB) live in this block only, never
+                // across an await: they would otherwise sit in every
+                // connection's future, idle WebSockets included.
+                let outcome = {
+                    let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
+                    let mut req = httparse::Request::new(&mut fields);
+                    let parsed = req.parse(&self.buf);
+                    match parsed {
+                        Ok(httparse::Status::Complete(n)) => {
+                            let g = shared.current.load_full();
+                            let watched = shared.events.receiver_count() > 0;
+                            let now = Instant::now();
+                            Some(
+                                plan_request(&mut self.up, &req, n, self.origin, &g, watched, now)
+                                    .map(|plan| (plan, g, now))
+                                    .map_err(|r| (r, n)),
+                            )
+                        }
+                        Ok(httparse::Status::Partial) if self.buf.len() < max_head => None,
+                        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                            Some(Err((Reply::early(Refusal::HeadTooLarge), 0)))
+                        }
+                        Err(_) => Some(Err((Reply::early(Refusal::MalformedHead), 0))),
                     }
-                    Ok(httparse::Status::Partial) if self.buf.len() < max_head => None,
-                    Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                        Some(Err((Reply::early(Refusal::HeadTooLarge), 0)))
-                    }
-                    Err(_) => Some(Err((Reply::early(Refusal::MalformedHead), 0))),
                 };
                 match outcome {
                     Some(Ok(planned)) => break planned,

@@ -17,9 +17,9 @@ use super::{Io, SEND_TIMEOUT};
 use crate::pool::Stats;
 use crate::upstream::Conn;
 
-/// Copy buffer per direction. Small: an open WebSocket is mostly idle, and
-/// memory per tunnel is what limits how many a balancer holds.
-const TUNNEL_BUFFER: usize = 4 * 1024;
+/// Bytes moved per read. Read into the stack: a heap buffer exists only
+/// while a side cannot take what was read, so an idle tunnel holds none.
+const CHUNK: usize = 8 * 1024;
 
 /// Counts an open tunnel on a backend (`/status`, `/metrics`).
 struct Open(Arc<Stats>);
@@ -30,42 +30,98 @@ impl Drop for Open {
     }
 }
 
-/// A stream that records when it last read something.
-struct Watched<'a, S> {
-    io: &'a mut S,
-    last: &'a AtomicU64,
-    epoch: Instant,
+/// One direction of a tunnel.
+#[derive(Default)]
+struct Pump {
+    /// Read but not yet written: only while the writer is full.
+    pending: Vec<u8>,
+    written: usize,
+    /// The writer has data to flush (TLS holds records until flushed).
+    unflushed: bool,
+    /// The reader has ended; the writer is shut down next.
+    eof: bool,
+    done: bool,
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Watched<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
+impl Pump {
+    /// Moves bytes from `r` to `w` until `r` ends (then shuts `w` down);
+    /// `moved` is called whenever bytes were read.
+    fn poll<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        r: &mut R,
+        w: &mut W,
+        moved: &mut impl FnMut(),
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-            self.last.store(ms, Ordering::Relaxed);
+        loop {
+            if self.done {
+                return Poll::Ready(Ok(()));
+            }
+            while self.written < self.pending.len() {
+                match Pin::new(&mut *w).poll_write(cx, &self.pending[self.written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        self.written += n;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if !self.pending.is_empty() {
+                // Give the buffer back: the tunnel may now idle for hours.
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if self.unflushed {
+                match Pin::new(&mut *w).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => self.unflushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            if self.eof {
+                return match Pin::new(&mut *w).poll_shutdown(cx) {
+                    Poll::Ready(r) => {
+                        self.done = true;
+                        Poll::Ready(r)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            let mut chunk = [0u8; CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                self.eof = true;
+                continue;
+            }
+            moved();
+            let mut off = 0;
+            while off < n {
+                match Pin::new(&mut *w).poll_write(cx, &chunk[off..n]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                    }
+                    Poll::Ready(Ok(k)) => {
+                        off += k;
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        self.pending = chunk[off..n].to_vec();
+                        break;
+                    }
+                }
+            }
         }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut *self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
     }
 }
 
@@ -94,22 +150,24 @@ impl<S: Io> Client<S> {
         up.buf = BytesMut::new();
         let epoch = Instant::now();
         let last = AtomicU64::new(0);
-        let mut client = Watched {
-            io: &mut self.io,
-            last: &last,
-            epoch,
+        let mut touch = || {
+            let ms = u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last.store(ms, Ordering::Relaxed);
         };
-        let mut backend = Watched {
-            io: &mut up.io,
-            last: &last,
-            epoch,
-        };
-        let copy = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut backend,
-            TUNNEL_BUFFER,
-            TUNNEL_BUFFER,
-        );
+        let (mut to_backend, mut to_client) = (Pump::default(), Pump::default());
+        let client = &mut self.io;
+        let backend = &mut up.io;
+        // Both directions in one task; the tunnel ends when both have ended
+        // (each side's close is passed on as a half-close), or on an error.
+        let copy = std::future::poll_fn(|cx| {
+            let a = to_backend.poll(cx, client, backend, &mut touch);
+            let b = to_client.poll(cx, backend, client, &mut touch);
+            match (a, b) {
+                (Poll::Ready(Err(_)), _) | (_, Poll::Ready(Err(_))) => Poll::Ready(()),
+                (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(()),
+                _ => Poll::Pending,
+            }
+        });
         let mut copy = std::pin::pin!(copy);
         let mut deadline = epoch + idle;
         loop {

@@ -10,7 +10,7 @@ mod hash;
 mod load;
 
 pub use cookie::{CookiePolicy, Route, RouteCodec};
-pub use hash::{nginx_ip_hash_order, Ring};
+pub use hash::{nginx_ip_hash_order, IpHash, Ring};
 pub use load::{smooth_weighted_sequence, LeastConn, PowerOfTwo, RoundRobin};
 
 use std::net::IpAddr;
@@ -110,7 +110,7 @@ pub fn build(
         PolicyKind::RoundRobin => Box::new(rr),
         PolicyKind::LeastConn => Box::new(LeastConn::default()),
         PolicyKind::P2c => Box::new(PowerOfTwo),
-        PolicyKind::IpHash => Box::new(hash::IpHash),
+        PolicyKind::IpHash => Box::new(hash::IpHash::new(pool)),
         PolicyKind::IpHashFull => Box::new(hash::IpHashFull),
         PolicyKind::Hash => {
             let bounded = (config.hash.bounded_load > 0.0).then_some(config.hash.bounded_load);
