@@ -89,6 +89,7 @@ pub(crate) async fn drain(shared: &Shared, mut connections: JoinSet<()>) {
     }
 }
 
+/// Serves one accepted connection.
 async fn connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, tls: bool) {
     let _ = stream.set_nodelay(true);
     if !tls {

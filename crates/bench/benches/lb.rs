@@ -179,23 +179,63 @@ struct Row {
     name: String,
     rps: Vec<f64>,
     latency_ms: Vec<f64>,
+    /// The balancer's CPU time (user + system) per request, µs.
+    cpu_us: Vec<f64>,
+}
+
+impl Row {
+    fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            rps: Vec::new(),
+            latency_ms: Vec::new(),
+            cpu_us: Vec::new(),
+        }
+    }
+}
+
+/// A balancer under test: its name, URL, extra request headers, process.
+struct Target {
+    name: String,
+    url: String,
+    headers: Vec<String>,
+    pid: u32,
+}
+
+/// CPU time used so far by process `pid` (user + system), in µs.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime is the 12th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    f.get(11)
+        .zip(f.get(12))
+        .map_or(0.0, |(u, s)| (u + s) / hz * 1e6)
 }
 
 fn print_table(title: &str, latency: &str, rows: &[Row], note: &str) {
     let base = median(rows[0].rps.clone());
+    let base_cpu = median(rows[0].cpu_us.clone());
     println!("\n### {title}\n");
     println!(
-        "| balancer | req/s (median) | {latency} ms | req/s vs {} |",
+        "| balancer | req/s (median) | {latency} ms | CPU µs/req | req/s vs {0} | CPU/req vs {0} |",
         rows[0].name
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for r in rows {
         let rps = median(r.rps.clone());
+        let cpu = median(r.cpu_us.clone());
         println!(
-            "| {} | {rps:.0} | {:.3} | {:.2} |",
+            "| {} | {rps:.0} | {:.3} | {cpu:.1} | {:.2} | {:.2} |",
             r.name,
             median(r.latency_ms.clone()),
-            rps / base
+            rps / base,
+            cpu / base_cpu
         );
     }
     println!("\n{note}");
@@ -210,30 +250,35 @@ struct Load {
 }
 
 /// `wrk` against each target in turn, `rounds` times.
-async fn wrk_rounds(load: Load, targets: &[(String, String, Vec<String>)]) -> Vec<Row> {
-    let mut rows: Vec<Row> = targets
-        .iter()
-        .map(|(n, _, _)| Row {
-            name: n.clone(),
-            rps: Vec::new(),
-            latency_ms: Vec::new(),
-        })
-        .collect();
+async fn wrk_rounds(load: Load, targets: &[Target]) -> Vec<Row> {
+    let mut rows: Vec<Row> = targets.iter().map(|t| Row::new(&t.name)).collect();
     for round in 1..=load.rounds {
-        for (row, (name, url, headers)) in rows.iter_mut().zip(targets) {
-            let r = wrk(url, headers, load.connections, load.seconds)
+        for (row, t) in rows.iter_mut().zip(targets) {
+            let cpu_before = cpu_us(t.pid);
+            let r = wrk(&t.url, &t.headers, load.connections, load.seconds)
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
+            let cpu = (cpu_us(t.pid) - cpu_before) / (r.rps * f64::from(load.seconds));
             eprintln!(
-                "round {round} {name:<28} {:>9.0} req/s  p50 {:>8.1?}  p99 {:>8.1?}  errors {}",
-                r.rps, r.p50, r.p99, r.errors
+                "round {round} {:<28} {:>9.0} req/s  p50 {:>8.1?}  p99 {:>8.1?}  {cpu:>5.1} µs CPU/req  errors {}",
+                t.name, r.rps, r.p50, r.p99, r.errors
             );
-            assert_eq!(r.errors, 0, "{name} answered errors");
+            assert_eq!(r.errors, 0, "{} answered errors", t.name);
             row.rps.push(r.rps);
             row.latency_ms.push(r.p99.as_secs_f64() * 1e3);
+            row.cpu_us.push(cpu);
         }
     }
     rows
+}
+
+fn target(name: &str, url: String, headers: Vec<String>, pid: Option<u32>) -> Target {
+    Target {
+        name: name.to_string(),
+        url,
+        headers,
+        pid: pid.expect("a running balancer"),
+    }
 }
 
 /// `tether lb` with `policy` over `backends`, one worker thread.
@@ -307,28 +352,31 @@ async fn shape_cookie(load: Load, dir: &Path) {
         .await
         .expect("node B");
     let nodes = [a.addr(), b.addr()];
-    let (_nginx, nginx_port) = nginx(dir, &nodes, None).await;
-    let (_haproxy, haproxy_port) = haproxy(dir, &nodes, "roundrobin", true, None).await;
+    let (nginx_child, nginx_port) = nginx(dir, &nodes, None).await;
+    let (haproxy_child, haproxy_port) = haproxy(dir, &nodes, "roundrobin", true, None).await;
     let tether = tether_lb("cookie", &nodes, &[]).await;
     // Pin one client per balancer to a backend, as a logged-in user is.
     let pin = Client::new();
     pin.get(&tether.url("/health")).await.unwrap();
     let route = pin.cookie("TETHER_ROUTE").expect("route cookie");
     let targets = vec![
-        (
-            "nginx (ip_hash)".into(),
+        target(
+            "nginx (ip_hash)",
             format!("http://127.0.0.1:{nginx_port}/health"),
             vec![],
+            nginx_child.id(),
         ),
-        (
-            "haproxy (cookie insert)".into(),
+        target(
+            "haproxy (cookie insert)",
             format!("http://127.0.0.1:{haproxy_port}/health"),
             vec!["Cookie: SRV=A".into()],
+            haproxy_child.id(),
         ),
-        (
-            "tether lb (cookie)".into(),
+        target(
+            "tether lb (cookie)",
             tether.url("/health"),
             vec![format!("Cookie: TETHER_ROUTE={route}")],
+            tether.pid(),
         ),
     ];
     let rows = wrk_rounds(load, &targets).await;
@@ -342,21 +390,23 @@ async fn shape_cookie(load: Load, dir: &Path) {
 
 async fn shape_ip_hash(load: Load, dir: &Path) {
     let (_origins, backends) = origins(dir).await;
-    let (_nginx, nginx_port) = nginx(dir, &backends, None).await;
-    let (_haproxy, haproxy_port) = haproxy(dir, &backends, "source", false, None).await;
+    let (nginx_child, nginx_port) = nginx(dir, &backends, None).await;
+    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "source", false, None).await;
     let tether = tether_lb("ip-hash", &backends, &["--health-path", ""]).await;
     let targets = vec![
-        (
-            "nginx (ip_hash)".into(),
+        target(
+            "nginx (ip_hash)",
             format!("http://127.0.0.1:{nginx_port}/"),
             vec![],
+            nginx_child.id(),
         ),
-        (
-            "haproxy (balance source)".into(),
+        target(
+            "haproxy (balance source)",
             format!("http://127.0.0.1:{haproxy_port}/"),
             vec![],
+            haproxy_child.id(),
         ),
-        ("tether lb (ip-hash)".into(), tether.url("/"), vec![]),
+        target("tether lb (ip-hash)", tether.url("/"), vec![], tether.pid()),
     ];
     let rows = wrk_rounds(load, &targets).await;
     print_table(
@@ -372,8 +422,8 @@ async fn shape_tls(load: Load, dir: &Path) {
     let (cert, key) = ca.issue(dir, "bench", &["localhost"]).unwrap();
     let tls = Cert { cert, key };
     let (_origins, backends) = origins(dir).await;
-    let (_nginx, nginx_port) = nginx(dir, &backends, Some(&tls)).await;
-    let (_haproxy, haproxy_port) = haproxy(dir, &backends, "source", false, Some(&tls)).await;
+    let (nginx_child, nginx_port) = nginx(dir, &backends, Some(&tls)).await;
+    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "source", false, Some(&tls)).await;
     let cert_args = [
         "--tls-cert",
         tls.cert.to_str().unwrap(),
@@ -387,16 +437,22 @@ async fn shape_tls(load: Load, dir: &Path) {
         (
             "nginx (ip_hash)",
             format!("https://127.0.0.1:{nginx_port}/"),
+            nginx_child.id(),
         ),
         (
             "haproxy (balance source)",
             format!("https://127.0.0.1:{haproxy_port}/"),
+            haproxy_child.id(),
         ),
-        ("tether lb (ip-hash)", format!("https://{}/", tether.addr())),
+        (
+            "tether lb (ip-hash)",
+            format!("https://{}/", tether.addr()),
+            tether.pid(),
+        ),
     ];
-    let targets = |headers: Vec<String>| -> Vec<(String, String, Vec<String>)> {
+    let targets = |headers: Vec<String>| -> Vec<Target> {
         urls.iter()
-            .map(|(n, u)| (n.to_string(), u.clone(), headers.clone()))
+            .map(|(n, u, pid)| target(n, u.clone(), headers.clone(), *pid))
             .collect()
     };
     let rows = wrk_rounds(load, &targets(vec![])).await;
@@ -447,30 +503,27 @@ async fn shape_tls(load: Load, dir: &Path) {
         ),
     ];
     for (title, args, note) in h2_runs {
-        let mut rows: Vec<Row> = urls
-            .iter()
-            .map(|(n, _)| Row {
-                name: n.to_string(),
-                rps: Vec::new(),
-                latency_ms: Vec::new(),
-            })
-            .collect();
+        let mut rows: Vec<Row> = urls.iter().map(|(n, _, _)| Row::new(n)).collect();
         let repeat = if args.contains(&"-D".to_string()) {
             1
         } else {
             3
         };
         for round in 1..=load.rounds {
-            for (row, (name, url)) in rows.iter_mut().zip(&urls) {
+            for (row, (name, url, pid)) in rows.iter_mut().zip(&urls) {
+                let pid = pid.expect("a running balancer");
                 for _ in 0..repeat {
+                    let cpu_before = cpu_us(pid);
                     let r = h2load(url, &args).await.unwrap_or_else(|e| panic!("{e}"));
+                    let cpu = (cpu_us(pid) - cpu_before) / r.done.max(1) as f64;
                     eprintln!(
-                        "round {round} {title} {name:<28} {:>9.0} req/s  mean {:>8.1?}  errors {}",
+                        "round {round} {title} {name:<28} {:>9.0} req/s  mean {:>8.1?}  {cpu:>5.1} µs CPU/req  errors {}",
                         r.rps, r.mean, r.errors
                     );
                     assert_eq!(r.errors, 0, "{name} answered errors");
                     row.rps.push(r.rps);
                     row.latency_ms.push(r.mean.as_secs_f64() * 1e3);
+                    row.cpu_us.push(cpu);
                 }
             }
         }

@@ -96,6 +96,8 @@ pub struct H2loadResult {
     pub mean: Duration,
     /// Requests that failed or errored.
     pub errors: u64,
+    /// Requests that succeeded.
+    pub done: u64,
 }
 
 /// Parses an `h2load` report.
@@ -103,13 +105,15 @@ pub fn parse_h2load(report: &str) -> Option<H2loadResult> {
     let mut rps = None;
     let mut mean = None;
     let mut errors = None;
+    let mut done = None;
     for line in report.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["finished", "in", _, v, "req/s,", ..] => rps = v.parse().ok(),
-            ["requests:", _, "total,", _, "started,", _, "done,", _, "succeeded,", failed, "failed,", errored, "errored,", ..] =>
+            ["requests:", _, "total,", _, "started,", _, "done,", ok, "succeeded,", failed, "failed,", errored, "errored,", ..] =>
             {
                 errors = Some(failed.parse::<u64>().ok()? + errored.parse::<u64>().ok()?);
+                done = ok.parse().ok();
             }
             ["time", "for", "request:", _, _, m, ..] => mean = parse_duration(m),
             _ => {}
@@ -119,6 +123,7 @@ pub fn parse_h2load(report: &str) -> Option<H2loadResult> {
         rps: rps?,
         mean: mean?,
         errors: errors?,
+        done: done?,
     })
 }
 
@@ -204,7 +209,7 @@ time for request:      120us      9.10ms       7.40ms      1.20ms    70.00%
         let r = parse_h2load(report).unwrap();
         assert_eq!(r.rps, 41234.20);
         assert_eq!(r.mean, Duration::from_micros(7400));
-        assert_eq!(r.errors, 1);
+        assert_eq!((r.errors, r.done), (1, 206170));
     }
 
     #[test]
