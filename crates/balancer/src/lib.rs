@@ -32,13 +32,23 @@
 //!    retried only for idempotent methods. Tries and total time are bounded.
 //! 4. The response streams back; the `cookie` policy adds or rewrites its
 //!    route cookie. No backend usable: 503; none reachable or a broken
-//!    answer: 502; a timeout: 504.
+//!    answer: 502; a timeout: 504. A `101` to a forwarded WebSocket upgrade
+//!    turns the connection into a tunnel to that backend.
+//!
+//! Clients speak HTTP/1.1 or HTTP/2, in the clear or over TLS (rustls,
+//! certificates chosen by SNI); backends are always reached over pooled
+//! HTTP/1.1 connections, and every protocol goes through the same planning,
+//! policies and retries (`proxy` documents the stages).
 //!
 //! # Security notes
 //! Route cookies carry an HMAC: a forged, tampered or stale one is ignored,
 //! so a client cannot choose its server. `X-Forwarded-For` is believed only
 //! from `trusted_proxies`. Request heads are limited in size and time
-//! (`limits`), which also bounds idle keep-alive connections.
+//! (`limits`), which also bounds idle keep-alive connections; bodies in
+//! time as a whole; HTTP/2 streams, header lists, windows and resets have
+//! their own limits. Fields a client lists in `Connection` are not removed
+//! (they could strip `Authorization`). The admin API refuses requests from
+//! web pages and can require a bearer token.
 
 mod admin;
 mod config;
@@ -334,10 +344,26 @@ impl std::fmt::Debug for Balancer {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// Connections the kernel queues for a listener before it refuses more
+/// (capped by `net.core.somaxconn`). Rust's and tokio's default of 128
+/// overflowed under bursts of new connections (500 TLS clients at once):
+/// the dropped SYNs were retried a second later, which is a second of
+/// latency for those clients. With `limits.max_connections`, this queue is
+/// where connections beyond the limit wait.
+const BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
 impl Balancer {
@@ -358,13 +384,13 @@ impl Balancer {
             config.cookie.secret.as_bytes().to_vec()
         };
         let started = Instant::now();
-        let listener = bind(config.listen).await?;
+        let listener = bind(config.listen)?;
         let admin = match config.admin {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a)?),
             None => None,
         };
         let redirect = match config.redirect_http {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a)?),
             None => None,
         };
         let resumption = tls::Resumption::new()?;

@@ -13,15 +13,17 @@
 //!   (made for the run): HTTP/1.1 kept alive and with a new connection (and
 //!   handshake) per request (`wrk`), HTTP/2 kept alive and one request per
 //!   connection (`h2load`).
-//! - `websockets`: `--tunnels` idle WebSockets (default 10 000) held open
-//!   through each balancer to an in-process backend; the balancer's resident
-//!   memory per tunnel.
+//! - `websockets`: `--tunnels` idle WebSockets (default 10 000, fewer when
+//!   the open-file limit cannot hold them) held open through each balancer
+//!   to an in-process backend; the balancer's resident memory per tunnel.
+//! - `uploads`: 100 clients that send half of a 1 MB upload and stall; the
+//!   memory each balancer holds for them.
 //!
 //! Run it with `scripts/bench-lb`, which builds the release binary and
 //! installs the peers and load generators.
 //!
 //! ```text
-//! cargo bench -p tether-bench --bench lb -- [--shape cookie|ip-hash|tls|websockets] [--seconds 5] [--rounds 3] [--connections 32] [--tunnels 10000]
+//! cargo bench -p tether-bench --bench lb -- [--shape cookie|ip-hash|tls|websockets|uploads] [--seconds 5] [--rounds 3] [--connections 32] [--tunnels 10000]
 //! ```
 
 use std::net::SocketAddr;
@@ -97,11 +99,11 @@ struct Cert {
 
 /// nginx balancing `backends` with `ip_hash` (and TLS + HTTP/2 with `cert`).
 fn nginx_conf(dir: &Path, port: u16, backends: &[SocketAddr], cert: Option<&Cert>) -> String {
-    let mut c = nginx_preamble(
-        dir,
-        "nginx",
-        u32::try_from(fd_limit() / 2).unwrap_or(30_000).min(30_000),
-    );
+    // nginx counts client and upstream connections alike: a tunnel is two.
+    let connections = u32::try_from(fd_limit().saturating_sub(100))
+        .unwrap_or(30_000)
+        .min(60_000);
+    let mut c = nginx_preamble(dir, "nginx", connections);
     let servers: String = backends.iter().map(|b| format!("server {b}; ")).collect();
     let listen = match cert {
         Some(t) => format!(
@@ -117,7 +119,7 @@ fn nginx_conf(dir: &Path, port: u16, backends: &[SocketAddr], cert: Option<&Cert
         None => format!("listen 127.0.0.1:{port}; keepalive_requests 100000;"),
     };
     c.push_str(&format!(
-        "  upstream backend {{ ip_hash; {servers}keepalive 64; }}\n\
+        "  upstream backend {{ ip_hash; {servers}keepalive 512; }}\n\
            map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}\n\
            server {{ {listen} location / {{ proxy_pass http://backend; \
              proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade; \
@@ -711,6 +713,68 @@ async fn shape_websockets(dir: &Path, tunnels: usize, limit: u64) {
     println!("\nEach tunnel: client → balancer → in-process backend over loopback, opened 200 at a time, then idle; RSS from /proc");
 }
 
+/// Opens `n` uploads through `addr` that send the head and half of a 1 MB
+/// body, then stall (a slow or malicious client).
+async fn stalled_uploads(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let head = b"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\n";
+    let half = vec![b'x'; 512 * 1024];
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(head).await.expect("head");
+        // What the kernel takes without the balancer reading: never block.
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&half)).await;
+        open.push(s);
+    }
+    open
+}
+
+async fn shape_uploads(dir: &Path) {
+    let clients = 100;
+    let backend = ws_backend().await;
+    let backends = [backend];
+    let (nginx_child, nginx_port) = nginx(dir, &backends, None).await;
+    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "roundrobin", false, None).await;
+    let tether = tether_lb("round-robin", &backends, &["--health-path", ""]).await;
+    let peers = [
+        (
+            "nginx",
+            nginx_child.id().unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], nginx_port)),
+        ),
+        (
+            "haproxy",
+            haproxy_child.id().unwrap(),
+            SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
+        ),
+        ("tether lb", tether.pid().unwrap(), tether.addr()),
+    ];
+    println!("\n### {clients} stalled 1 MB uploads (half sent): resident memory\n");
+    println!("| balancer | RSS before, MiB | RSS with the uploads, MiB | added, MiB |");
+    println!("|---|---|---|---|");
+    for (name, pid, addr) in peers {
+        let before = tree_rss(pid);
+        let open = stalled_uploads(addr, clients).await;
+        let mut after = tree_rss(pid);
+        eventually(Duration::from_secs(5), "RSS settles", || {
+            let now = tree_rss(pid);
+            let settled = now == after;
+            after = now;
+            async move { settled.then_some(()) }
+        })
+        .await
+        .ok();
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.1} |",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            after.saturating_sub(before) as f64 / 1024.0
+        );
+        drop(open);
+    }
+    println!("\nEach client sends the head and 512 KiB of a 1 MiB body, then nothing; nginx buffers bodies to disk beyond client_body_buffer_size, HAProxy and tether stream them to the backend");
+}
+
 fn main() {
     let shape: String = arg("--shape", "all".to_string());
     let load = Load {
@@ -745,6 +809,9 @@ fn main() {
         }
         if all || shape == "websockets" {
             shape_websockets(dir.path(), tunnels, limit).await;
+        }
+        if all || shape == "uploads" {
+            shape_uploads(dir.path()).await;
         }
     });
 }
