@@ -576,24 +576,35 @@ async fn open_tunnels(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
             // Spread client addresses over 127.0.0.0/8 so no source runs out of ports.
             let from = SocketAddr::from(([127, 0, (k % 200) as u8 + 1, 1], 0));
             tasks.spawn(async move {
-                let socket = tokio::net::TcpSocket::new_v4().ok()?;
-                socket.bind(from).ok()?;
-                let mut s = socket.connect(addr).await.ok()?;
-                s.write_all(request).await.ok()?;
+                let e = |what: &'static str| move |e: std::io::Error| format!("{what}: {e}");
+                let socket = tokio::net::TcpSocket::new_v4().map_err(e("socket"))?;
+                socket.bind(from).map_err(e("bind"))?;
+                let mut s = socket.connect(addr).await.map_err(e("connect"))?;
+                s.write_all(request).await.map_err(e("write"))?;
                 let mut head = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = s.read(&mut buf).await.ok()?;
+                    let n = s.read(&mut buf).await.map_err(e("read"))?;
                     if n == 0 {
-                        return None;
+                        return Err(format!("closed after {:?}", String::from_utf8_lossy(&head)));
                     }
                     head.extend_from_slice(&buf[..n]);
                 }
-                head.starts_with(b"HTTP/1.1 101").then_some(s)
+                if head.starts_with(b"HTTP/1.1 101") {
+                    Ok(s)
+                } else {
+                    Err(String::from_utf8_lossy(&head).into_owned())
+                }
             });
         }
         while let Some(t) = tasks.join_next().await {
-            open.push(t.unwrap().expect("a tunnel failed to open"));
+            match t.unwrap() {
+                Ok(s) => open.push(s),
+                Err(e) => panic!(
+                    "a tunnel failed to open through {addr} after {} were open: {e}",
+                    open.len()
+                ),
+            }
         }
     }
     open
@@ -653,7 +664,7 @@ async fn shape_websockets(dir: &Path, tunnels: usize, limit: u64) {
     let tunnels = tunnels.min(
         usize::try_from(limit / 2)
             .unwrap_or(usize::MAX)
-            .saturating_sub(200),
+            .saturating_sub(300),
     );
     let backend = ws_backend().await;
     let backends = [backend];

@@ -87,8 +87,10 @@ pub(crate) async fn serve<S: Io>(
             tls,
         },
         buf: BytesMut::with_capacity(READ_SPACE),
-        out: Vec::with_capacity(READ_SPACE),
-        up: Vec::with_capacity(READ_SPACE),
+        // Grown on first use and kept for the connection's next requests:
+        // a connection that idles, uploads slowly or tunnels never needs them.
+        out: Vec::new(),
+        up: Vec::new(),
         timer: Box::pin(tokio::time::sleep(Duration::from_secs(3600))),
         served: 0,
     };

@@ -305,6 +305,8 @@ pub(crate) fn plan_request(
     // removed, framing and forwarding fields written by the balancer.
     let route_cookie = g.codec.as_ref().map(|c| c.name());
     up.clear();
+    // The rewritten head is about the size of the received one.
+    up.reserve(head_len.max(256) + 256);
     up.extend_from_slice(method.as_bytes());
     up.push(b' ');
     up.extend_from_slice(target.as_bytes());

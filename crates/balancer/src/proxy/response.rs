@@ -94,6 +94,7 @@ pub(crate) fn plan_response(
     let mut cache_control: Vec<&[u8]> = Vec::new();
     let mut length: Option<&[u8]> = None;
     out.clear();
+    out.reserve(1024);
     let _ = write!(out, "HTTP/1.1 {status} ");
     out.extend_from_slice(res.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
