@@ -159,17 +159,7 @@ async fn tls_terminates_with_secure_cookies_and_tells_backends_https() {
     assert!(cookie.contains("; Secure"), "{cookie}");
 
     // TLS 1.2 clients are served too; plain HTTP on the TLS port is not.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(tls.ca.pem().as_bytes()) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let tls12 = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let mut io = tls_connect(lb.addr(), "localhost", Arc::new(tls12))
+    let mut io = tls_connect(lb.addr(), "localhost", tls12_client(&tls))
         .await
         .unwrap();
     assert_eq!(
@@ -182,12 +172,52 @@ async fn tls_terminates_with_secure_cookies_and_tells_backends_https() {
     )
     .await;
     assert!(reply.contains("proto=https"), "{reply}");
+    // Handshakes resume (tickets): a client's second connection skips the
+    // full handshake, on TLS 1.3 and 1.2 alike.
+    for config in [tls.client(&[b"http/1.1"]), tls12_client(&tls)] {
+        let first = tls_connect(lb.addr(), "localhost", config.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            first.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        let mut first = first;
+        // TLS 1.3 tickets come after the handshake: read a response to get them.
+        http1_close(
+            &mut first,
+            "GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let again = tls_connect(lb.addr(), "localhost", config).await.unwrap();
+        assert_eq!(
+            again.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{:?}",
+            again.get_ref().1.protocol_version()
+        );
+    }
     let mut plain = TcpStream::connect(lb.addr()).await.unwrap();
     let reply = http1_close(&mut plain, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(
         !reply.contains("200"),
         "plain HTTP was served on the TLS port: {reply}"
     );
+}
+
+/// A client that speaks TLS 1.2 only and trusts the test authority.
+fn tls12_client(tls: &Tls) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(tls.ca.pem().as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
 }
 
 /// The leaf certificate a TLS connection to `addr` for `name` was given.
