@@ -634,6 +634,35 @@ fn fd_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// The three balancers, round robin over one [`ws_backend`], for the memory
+/// shapes: what keeps them running, and (name, process, address) of each.
+async fn memory_peers(dir: &Path) -> (impl Sized, [(&'static str, u32, SocketAddr); 3]) {
+    let backends = [ws_backend().await];
+    let (nginx_child, nginx_port) = nginx(dir, &backends, None).await;
+    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "roundrobin", false, None).await;
+    let tether = tether_lb("round-robin", &backends, &["--health-path", ""]).await;
+    let at = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let peers = [
+        ("nginx", nginx_child.id().unwrap(), at(nginx_port)),
+        ("haproxy", haproxy_child.id().unwrap(), at(haproxy_port)),
+        ("tether lb", tether.pid().unwrap(), tether.addr()),
+    ];
+    ((nginx_child, haproxy_child, tether), peers)
+}
+
+/// The resident memory of `pid`'s tree once it stops changing (up to 5 s).
+async fn settled_rss(pid: u32) -> u64 {
+    let mut last = tree_rss(pid);
+    let _ = eventually(Duration::from_secs(5), "RSS settles", || {
+        let now = tree_rss(pid);
+        let settled = now == last;
+        last = now;
+        async move { settled.then_some(()) }
+    })
+    .await;
+    last
+}
+
 /// Raises the open-file limit as far as allowed (a tunnel costs the bench
 /// two descriptors, and the balancer two).
 fn raise_fd_limit(want: u64) -> u64 {
@@ -666,24 +695,7 @@ async fn shape_websockets(dir: &Path, tunnels: usize, limit: u64) {
             .unwrap_or(usize::MAX)
             .saturating_sub(300),
     );
-    let backend = ws_backend().await;
-    let backends = [backend];
-    let (nginx_child, nginx_port) = nginx(dir, &backends, None).await;
-    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "roundrobin", false, None).await;
-    let tether = tether_lb("round-robin", &backends, &["--health-path", ""]).await;
-    let peers = [
-        (
-            "nginx",
-            nginx_child.id().unwrap(),
-            SocketAddr::from(([127, 0, 0, 1], nginx_port)),
-        ),
-        (
-            "haproxy",
-            haproxy_child.id().unwrap(),
-            SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
-        ),
-        ("tether lb", tether.pid().unwrap(), tether.addr()),
-    ];
+    let (_running, peers) = memory_peers(dir).await;
     println!("\n### {tunnels} idle WebSockets: resident memory per tunnel\n");
     println!(
         "| balancer | RSS before, MiB | RSS with tunnels, MiB | KiB per tunnel | vs haproxy |"
@@ -695,15 +707,7 @@ async fn shape_websockets(dir: &Path, tunnels: usize, limit: u64) {
         drop(open_tunnels(addr, 1).await);
         let before = tree_rss(pid);
         let open = open_tunnels(addr, tunnels).await;
-        let mut after = tree_rss(pid);
-        eventually(Duration::from_secs(5), "RSS settles", || {
-            let now = tree_rss(pid);
-            let settled = now == after;
-            after = now;
-            async move { settled.then_some(()) }
-        })
-        .await
-        .ok();
+        let after = settled_rss(pid).await;
         let kib = (after.saturating_sub(before)) as f64 / tunnels as f64;
         eprintln!(
             "{name}: {before} KiB -> {after} KiB with {} tunnels: {kib:.1} KiB each",
@@ -742,39 +746,14 @@ async fn stalled_uploads(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 
 async fn shape_uploads(dir: &Path) {
     let clients = 100;
-    let backend = ws_backend().await;
-    let backends = [backend];
-    let (nginx_child, nginx_port) = nginx(dir, &backends, None).await;
-    let (haproxy_child, haproxy_port) = haproxy(dir, &backends, "roundrobin", false, None).await;
-    let tether = tether_lb("round-robin", &backends, &["--health-path", ""]).await;
-    let peers = [
-        (
-            "nginx",
-            nginx_child.id().unwrap(),
-            SocketAddr::from(([127, 0, 0, 1], nginx_port)),
-        ),
-        (
-            "haproxy",
-            haproxy_child.id().unwrap(),
-            SocketAddr::from(([127, 0, 0, 1], haproxy_port)),
-        ),
-        ("tether lb", tether.pid().unwrap(), tether.addr()),
-    ];
+    let (_running, peers) = memory_peers(dir).await;
     println!("\n### {clients} stalled 1 MB uploads (half sent): resident memory\n");
     println!("| balancer | RSS before, MiB | RSS with the uploads, MiB | added, MiB |");
     println!("|---|---|---|---|");
     for (name, pid, addr) in peers {
         let before = tree_rss(pid);
         let open = stalled_uploads(addr, clients).await;
-        let mut after = tree_rss(pid);
-        eventually(Duration::from_secs(5), "RSS settles", || {
-            let now = tree_rss(pid);
-            let settled = now == after;
-            after = now;
-            async move { settled.then_some(()) }
-        })
-        .await
-        .ok();
+        let after = settled_rss(pid).await;
         println!(
             "| {name} | {:.1} | {:.1} | {:.1} |",
             before as f64 / 1024.0,

@@ -107,6 +107,21 @@ async fn tls_lb(
     Process::spawn_n(bin(), &args, 2).await.unwrap()
 }
 
+/// A TLS balancer with `policy` (and `extra` flags, health checks off) in
+/// front of an echo backend, with a certificate for `localhost`.
+async fn echo_behind_tls(
+    policy: &str,
+    extra: &[&str],
+) -> (Tls, tether_testkit::TestServer, Process) {
+    let tls = Tls::new();
+    let cert = tls.issue("site", &["localhost"]);
+    let echo = echo_backend(Arc::default()).await;
+    let mut flags = vec!["--health-path", ""];
+    flags.extend_from_slice(extra);
+    let lb = tls_lb(policy, &[("E", echo.addr())], &cert, &flags).await;
+    (tls, echo, lb)
+}
+
 /// One HTTP/1.1 request on `io`, read until the response's end (the
 /// request asks the server to close).
 async fn http1_close<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, request: &str) -> String {
@@ -121,16 +136,7 @@ async fn http1_close<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, request: &st
 
 #[tokio::test]
 async fn tls_terminates_with_secure_cookies_and_tells_backends_https() {
-    let tls = Tls::new();
-    let cert = tls.issue("site", &["localhost"]);
-    let echo = echo_backend(Arc::default()).await;
-    let lb = tls_lb(
-        "cookie",
-        &[("E", echo.addr())],
-        &cert,
-        &["--health-path", ""],
-    )
-    .await;
+    let (tls, _echo, lb) = echo_behind_tls("cookie", &[]).await;
 
     let mut io = tls_connect(lb.addr(), "localhost", tls.client(&[b"http/1.1"]))
         .await
@@ -383,16 +389,7 @@ async fn plain_http_is_redirected_to_https() {
 
 #[tokio::test]
 async fn garbage_and_half_handshakes_are_cut_off() {
-    let tls = Tls::new();
-    let cert = tls.issue("site", &["localhost"]);
-    let echo = echo_backend(Arc::default()).await;
-    let lb = tls_lb(
-        "round-robin",
-        &[("E", echo.addr())],
-        &cert,
-        &["--health-path", "", "--header-timeout-ms", "500"],
-    )
-    .await;
+    let (tls, _echo, lb) = echo_behind_tls("round-robin", &["--header-timeout-ms", "500"]).await;
     // The first bytes of a ClientHello, then nothing: closed at the timeout.
     let mut half = TcpStream::connect(lb.addr()).await.unwrap();
     half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
@@ -559,16 +556,7 @@ async fn http2_clients_are_pinned_by_the_same_route_cookie() {
 
 #[tokio::test]
 async fn http2_bodies_stream_both_ways_within_flow_control() {
-    let tls = Tls::new();
-    let cert = tls.issue("site", &["localhost"]);
-    let echo = echo_backend(Arc::default()).await;
-    let lb = tls_lb(
-        "round-robin",
-        &[("E", echo.addr())],
-        &cert,
-        &["--health-path", ""],
-    )
-    .await;
+    let (tls, _echo, lb) = echo_behind_tls("round-robin", &[]).await;
     // A client with a small window: the balancer must send as it opens.
     let io = tls_connect(lb.addr(), "localhost", tls.client(&[b"h2"]))
         .await

@@ -293,6 +293,17 @@ async fn draining_a_backend_or_the_balancer_lets_open_tunnels_finish() {
     .unwrap();
 }
 
+/// A `tether node` and a round-robin balancer in front of it with `extra` flags.
+async fn node_lb(extra: &[&str]) -> (Process, Process) {
+    let node = Process::spawn(bin(), &node_args("A", "memory"))
+        .await
+        .unwrap();
+    let mut args = lb_args("round-robin", &[("A", node.addr())]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    (node, lb)
+}
+
 /// One keep-alive request on `s`: the response head.
 async fn get_on(s: &mut TcpStream) -> String {
     s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -303,12 +314,7 @@ async fn get_on(s: &mut TcpStream) -> String {
 
 #[tokio::test]
 async fn connections_beyond_max_connections_wait_in_the_accept_queue() {
-    let node = Process::spawn(bin(), &node_args("A", "memory"))
-        .await
-        .unwrap();
-    let mut args = lb_args("round-robin", &[("A", node.addr())]);
-    args.extend(["--max-connections".into(), "2".into()]);
-    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    let (_node, lb) = node_lb(&["--max-connections", "2"]).await;
     let mut first = TcpStream::connect(lb.addr()).await.unwrap();
     let mut second = TcpStream::connect(lb.addr()).await.unwrap();
     assert!(get_on(&mut first).await.starts_with("HTTP/1.1 200"));
@@ -335,12 +341,7 @@ async fn connections_beyond_max_connections_wait_in_the_accept_queue() {
 /// body buffered for as long as it sent a byte per read timeout.
 #[tokio::test]
 async fn the_body_timeout_bounds_the_whole_upload() {
-    let node = Process::spawn(bin(), &node_args("A", "memory"))
-        .await
-        .unwrap();
-    let mut args = lb_args("round-robin", &[("A", node.addr())]);
-    args.extend(["--body-timeout-ms".into(), "1000".into()]);
-    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    let (_node, lb) = node_lb(&["--body-timeout-ms", "1000"]).await;
     // One body small enough to buffer, one that streams.
     for length in [1_000, 1_000_000] {
         let mut s = TcpStream::connect(lb.addr()).await.unwrap();
@@ -370,12 +371,7 @@ async fn the_body_timeout_bounds_the_whole_upload() {
 
 #[tokio::test]
 async fn the_admin_api_needs_its_token_and_refuses_web_pages() {
-    let node = Process::spawn(bin(), &node_args("A", "memory"))
-        .await
-        .unwrap();
-    let mut args = lb_args("round-robin", &[("A", node.addr())]);
-    args.extend(["--admin-token".into(), "0123456789abcdef-token".into()]);
-    let lb = Process::spawn_n(bin(), &args, 2).await.unwrap();
+    let (node, lb) = node_lb(&["--admin-token", "0123456789abcdef-token"]).await;
     let admin = |p: &str| format!("http://{}{p}", lb.addrs()[1]);
     let auth = ("authorization", "Bearer 0123456789abcdef-token");
     let c = Client::new();

@@ -96,6 +96,26 @@ impl Attempts {
         }
     }
 
+    /// Tries for a request under the `retry` settings.
+    pub(crate) fn for_request(
+        retry: &crate::config::RetryConfig,
+        candidates: usize,
+        first: Instant,
+        replayable: bool,
+        idempotent: bool,
+    ) -> Self {
+        let ms = crate::config::Config::ms;
+        let times = (ms(retry.timeout_ms), ms(retry.response_timeout_ms));
+        Self::new(
+            candidates,
+            retry.tries,
+            times,
+            first,
+            replayable,
+            idempotent,
+        )
+    }
+
     /// What to do at `now`.
     pub(crate) fn next(&mut self, now: Instant) -> Step {
         if self.over || self.slot >= self.limit {

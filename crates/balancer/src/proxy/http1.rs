@@ -287,17 +287,8 @@ impl<S: Io> Client<S> {
             Err(None) => false,
         };
         let retry = &config.retry;
-        let mut attempts = Attempts::new(
-            plan.candidates.len(),
-            retry.tries,
-            (
-                Config::ms(retry.timeout_ms),
-                Config::ms(retry.response_timeout_ms),
-            ),
-            now,
-            buffered,
-            plan.idempotent,
-        );
+        let mut attempts =
+            Attempts::for_request(retry, plan.candidates.len(), now, buffered, plan.idempotent);
         let connect_timeout = Config::ms(retry.connect_timeout_ms);
         let failure = loop {
             let at = if attempts.untried() {

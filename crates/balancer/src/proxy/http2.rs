@@ -302,15 +302,12 @@ async fn forward(
 ) -> Result<(), Gone> {
     let retry = &g.config.retry;
     let body_deadline = now + Config::ms(g.config.limits.body_timeout_ms);
-    let mut attempts = Attempts::new(
+    let replayable = stream_body.is_none();
+    let mut attempts = Attempts::for_request(
+        retry,
         plan.candidates.len(),
-        retry.tries,
-        (
-            Config::ms(retry.timeout_ms),
-            Config::ms(retry.response_timeout_ms),
-        ),
         now,
-        stream_body.is_none(),
+        replayable,
         plan.idempotent,
     );
     let failure = loop {

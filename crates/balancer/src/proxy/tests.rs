@@ -31,18 +31,29 @@ fn generation(policy: PolicyKind, trusted: &[&str]) -> Generation {
 /// Plans `raw` from `peer`: the head written for upstream, and the plan
 /// or the balancer's own reply.
 fn planned(g: &Generation, raw: &str, peer: &str) -> (String, Result<Plan, Reply>) {
+    let (up, planned) = planned_bytes(g, raw.as_bytes(), peer, false);
+    (String::from_utf8(up).unwrap(), planned)
+}
+
+/// [`planned`] for a head that need not be UTF-8, on a TLS connection or not.
+fn planned_bytes(
+    g: &Generation,
+    raw: &[u8],
+    peer: &str,
+    tls: bool,
+) -> (Vec<u8>, Result<Plan, Reply>) {
     let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
-    let httparse::Status::Complete(n) = req.parse(raw.as_bytes()).unwrap() else {
+    let httparse::Status::Complete(n) = req.parse(raw).unwrap() else {
         panic!("incomplete head");
     };
     let mut up = Vec::new();
     let origin = Origin {
         peer: peer.parse().unwrap(),
-        tls: false,
+        tls,
     };
     let planned = plan_request(&mut up, &req, n, origin, g, false, Instant::now());
-    (String::from_utf8(up).unwrap(), planned)
+    (up, planned)
 }
 
 /// Plans `raw` from `peer`: the head sent upstream, or the status answered.
@@ -192,17 +203,7 @@ fn a_non_utf8_cookie_does_not_hide_the_route_cookie() {
     let mut raw = b"GET / HTTP/1.1\r\nHost: x\r\nCookie: theme=\xff\xfe; TETHER_ROUTE=".to_vec();
     raw.extend_from_slice(value.as_bytes());
     raw.extend_from_slice(b"\r\n\r\n");
-    let mut fields = [httparse::EMPTY_HEADER; h1::MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut fields);
-    let httparse::Status::Complete(n) = req.parse(&raw).unwrap() else {
-        panic!("incomplete");
-    };
-    let origin = Origin {
-        peer: "127.0.0.1".parse().unwrap(),
-        tls: false,
-    };
-    let mut up = Vec::new();
-    let Ok(p) = plan_request(&mut up, &req, n, origin, &g, false, Instant::now()) else {
+    let (up, Ok(p)) = planned_bytes(&g, &raw, "127.0.0.1", false) else {
         panic!("refused");
     };
     assert_eq!(p.choice.route.map(|r| r.primary).as_deref(), Some("A"));
@@ -298,17 +299,7 @@ fn p_of(g: &Generation, raw: &str) -> Plan {
 fn behind_tls_the_backend_is_told_https() {
     let g = generation(PolicyKind::RoundRobin, &[]);
     let raw = b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: http\r\n\r\n";
-    let mut fields = [httparse::EMPTY_HEADER; 8];
-    let mut req = httparse::Request::new(&mut fields);
-    let httparse::Status::Complete(n) = req.parse(raw).unwrap() else {
-        panic!("incomplete");
-    };
-    let origin = Origin {
-        peer: "127.0.0.1".parse().unwrap(),
-        tls: true,
-    };
-    let mut up = Vec::new();
-    let Ok(p) = plan_request(&mut up, &req, n, origin, &g, false, Instant::now()) else {
+    let (up, Ok(p)) = planned_bytes(&g, raw, "127.0.0.1", true) else {
         panic!("refused");
     };
     let up = String::from_utf8(up).unwrap();
