@@ -167,10 +167,8 @@ impl<S: Io> Client<S> {
         // try: a client dribbling bytes must not make parsing quadratic.
         let mut parsed_upto = 0;
         let (plan, g, now) = loop {
-            if h2c && self.served == 0 && self.buf.len() >= H2_PREFACE.len() {
-                if self.buf.starts_with(H2_PREFACE) {
-                    return Next::Http2;
-                }
+            if h2c && self.served == 0 && self.buf.starts_with(H2_PREFACE) {
+                return Next::Http2;
             }
             let fresh_line = self.buf[parsed_upto..].contains(&b'\n');
             let preface_pending = h2c

@@ -423,6 +423,9 @@ async fn forward(
 }
 
 /// What became of one try.
+// Lives on the stack for one step; boxing the large variant would cost an
+// allocation per stream.
+#[allow(clippy::large_enum_variant)]
 enum Tried {
     Answered(Conn, Response<()>, Framing, bool),
     Unreachable(crate::upstream::ConnectError),
