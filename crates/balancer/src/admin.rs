@@ -1,11 +1,21 @@
 //! The admin listener: `/status`, `/metrics`, drain and reload.
+//!
+//! Who may call it: with `admin_token` set, only requests carrying
+//! `Authorization: Bearer TOKEN` (compared in constant time); the token is
+//! required when the listener is not on loopback. Whatever the token, a
+//! request a browser marks as coming from a web page (`Origin`, or
+//! `Sec-Fetch-Site` other than `none`) is refused with 403: a page the
+//! operator visits cannot drain or reload the balancer with a simple
+//! cross-site POST (CSRF), which needs no preflight and would otherwise reach
+//! a loopback admin port from the operator's own browser.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -23,7 +33,47 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/backends/{id}/drain", post(drain))
         .route("/backends/{id}/undrain", post(undrain))
         .route("/reload", post(reload))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
         .with_state(shared)
+}
+
+/// Refuses requests from web pages and, with a token configured, requests
+/// without it.
+async fn guard(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let from_page = headers.contains_key("origin")
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none");
+    if from_page {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "the admin API does not answer web pages (Origin or Sec-Fetch-Site present)"})),
+        )
+            .into_response();
+    }
+    if let Some(token) = &shared.admin_token {
+        let given = headers
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        if !constant_time_eq(given, token.as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [("www-authenticate", "Bearer")],
+                Json(
+                    json!({"error": "missing or wrong admin token (Authorization: Bearer TOKEN)"}),
+                ),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn backend_json(g: &Generation, m: &Member) -> serde_json::Value {
@@ -43,6 +93,7 @@ fn backend_json(g: &Generation, m: &Member) -> serde_json::Value {
         "requests": s.requests.load(Ordering::Relaxed),
         "responses": responses,
         "errors": s.errors.load(Ordering::Relaxed),
+        "tunnels": s.tunnels.load(Ordering::Relaxed),
         "consecutive_failures": s.consecutive_failures.load(Ordering::Relaxed),
         // The balancer keeps no stick table; what it knows is how many route
         // cookies it issued pinning clients here.
@@ -163,7 +214,7 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
     }
     let now = g.pool.now_ms();
     let eject = Config::ms(g.config.health.eject_ms);
-    let families: [(&str, &str, &str); 5] = [
+    let families: [(&str, &str, &str); 6] = [
         (
             "tether_lb_backend_requests_total",
             "counter",
@@ -178,6 +229,11 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
             "tether_lb_backend_in_flight",
             "gauge",
             "Requests in flight on the backend.",
+        ),
+        (
+            "tether_lb_backend_tunnels",
+            "gauge",
+            "Open WebSocket / Upgrade tunnels to the backend.",
         ),
         (
             "tether_lb_backend_up",
@@ -215,6 +271,13 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
                         out,
                         "{name}{{backend=\"{id}\"}} {}",
                         s.in_flight.load(Ordering::Relaxed)
+                    );
+                }
+                "tether_lb_backend_tunnels" => {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{backend=\"{id}\"}} {}",
+                        s.tunnels.load(Ordering::Relaxed)
                     );
                 }
                 "tether_lb_backend_up" => {

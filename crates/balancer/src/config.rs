@@ -1,7 +1,7 @@
 //! Configuration: a TOML file or command-line flags, validated before use.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -208,9 +208,22 @@ pub struct LimitsConfig {
     /// Largest request head accepted, in bytes (at least 8192); larger gets 431.
     pub max_header_bytes: usize,
     /// Request bodies up to this size are buffered so they can be retried on
-    /// another backend (nginx buffers request bodies too); larger ones stream
-    /// and are tried once.
+    /// another backend; larger ones stream as they arrive and are tried once
+    /// (a stalled upload then holds a read buffer, not its whole body).
     pub buffer_body_bytes: usize,
+    /// Time a client has to send a whole request body, from the end of its
+    /// head, in milliseconds: one deadline for the upload, not one per read,
+    /// so a client trickling a byte at a time is cut off too.
+    pub body_timeout_ms: u64,
+    /// A WebSocket (or other upgraded) tunnel closes after this long without
+    /// a byte either way, in milliseconds (HAProxy's `timeout tunnel`).
+    pub tunnel_timeout_ms: u64,
+    /// On shutdown, requests and tunnels still open after this long are cut,
+    /// in milliseconds.
+    pub drain_timeout_ms: u64,
+    /// Client connections served at once (HAProxy's `maxconn`); more wait in
+    /// the kernel's accept queue. 0: no limit.
+    pub max_connections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -218,7 +231,11 @@ impl Default for LimitsConfig {
         Self {
             header_timeout_ms: 10_000,
             max_header_bytes: 64 * 1024,
-            buffer_body_bytes: 1024 * 1024,
+            buffer_body_bytes: 16 * 1024,
+            body_timeout_ms: 60_000,
+            tunnel_timeout_ms: 600_000,
+            drain_timeout_ms: 10_000,
+            max_connections: 0,
         }
     }
 }
@@ -258,6 +275,60 @@ pub struct Config {
     /// Client limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS termination on the client listener; plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Accept HTTP/2 without TLS from clients that know it is spoken
+    /// (h2c with prior knowledge) on a plain listener.
+    #[serde(default)]
+    pub h2c: bool,
+    /// A plain-HTTP listener that answers every request with a redirect to
+    /// the same URL over HTTPS (needs `tls`).
+    #[serde(default)]
+    pub redirect_http: Option<SocketAddr>,
+    /// Bearer token the admin listener requires on every request
+    /// (`Authorization: Bearer TOKEN`). Required when the admin listener is
+    /// not on a loopback address.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+}
+
+/// TLS termination: certificate chains and keys in PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The default certificate chain (leaf first), served when the client's
+    /// server name matches no `sni` entry or it sends none.
+    pub cert: PathBuf,
+    /// The default certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// More certificates, chosen by the server name the client asks for.
+    #[serde(default)]
+    pub sni: Vec<SniCert>,
+}
+
+/// A certificate served for some server names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    /// Server names it serves: exact (`a.example`) or one wildcard label
+    /// (`*.example`, which matches `x.example`, not `example` or `x.y.example`).
+    pub names: Vec<String>,
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+impl TlsConfig {
+    /// A single certificate for every name.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            sni: Vec::new(),
+        }
+    }
 }
 
 fn session_cookie() -> String {
@@ -301,6 +372,10 @@ impl Config {
             health: HealthConfig::default(),
             retry: RetryConfig::default(),
             limits: LimitsConfig::default(),
+            tls: None,
+            h2c: false,
+            redirect_http: None,
+            admin_token: None,
         }
     }
 
@@ -313,7 +388,23 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text)
+        let mut config = Self::from_toml(&text)?;
+        // Certificate paths in a file are relative to the file, so a
+        // configuration directory can move as a whole.
+        if let (Some(tls), Some(dir)) = (&mut config.tls, path.parent()) {
+            let join = |p: &mut PathBuf| {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            };
+            join(&mut tls.cert);
+            join(&mut tls.key);
+            for e in &mut tls.sni {
+                join(&mut e.cert);
+                join(&mut e.key);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates TOML text.
@@ -415,8 +506,41 @@ impl Config {
         if self.limits.max_header_bytes < 8192 {
             return Err(invalid("limits.max_header_bytes must be at least 8192"));
         }
-        if self.limits.header_timeout_ms == 0 {
-            return Err(invalid("limits.header_timeout_ms must be positive"));
+        let l = &self.limits;
+        if l.header_timeout_ms == 0
+            || l.body_timeout_ms == 0
+            || l.tunnel_timeout_ms == 0
+            || l.drain_timeout_ms == 0
+        {
+            return Err(invalid(
+                "limits: header, body, tunnel and drain timeouts must be positive",
+            ));
+        }
+        if self.redirect_http.is_some() && self.tls.is_none() {
+            return Err(invalid(
+                "redirect_http needs tls: there is nothing to redirect to",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for entry in &tls.sni {
+                if entry.names.is_empty() {
+                    return Err(invalid(format!(
+                        "tls.sni entry for {}: list at least one name",
+                        entry.cert.display()
+                    )));
+                }
+            }
+        }
+        match (&self.admin_token, self.admin) {
+            (Some(t), _) if t.len() < 16 => {
+                return Err(invalid("admin_token must be at least 16 characters"));
+            }
+            (None, Some(a)) if !a.ip().is_loopback() => {
+                return Err(invalid(format!(
+                    "admin listener {a} is not on loopback: set admin_token (or --admin-token) so that not anyone who reaches it can drain backends"
+                )));
+            }
+            _ => {}
         }
         Ok(out)
     }

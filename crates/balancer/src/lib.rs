@@ -32,26 +32,39 @@
 //!    retried only for idempotent methods. Tries and total time are bounded.
 //! 4. The response streams back; the `cookie` policy adds or rewrites its
 //!    route cookie. No backend usable: 503; none reachable or a broken
-//!    answer: 502; a timeout: 504.
+//!    answer: 502; a timeout: 504. A `101` to a forwarded WebSocket upgrade
+//!    turns the connection into a tunnel to that backend.
+//!
+//! Clients speak HTTP/1.1 or HTTP/2, in the clear or over TLS (rustls,
+//! certificates chosen by SNI); backends are always reached over pooled
+//! HTTP/1.1 connections, and every protocol goes through the same planning,
+//! policies and retries (`proxy` documents the stages).
 //!
 //! # Security notes
 //! Route cookies carry an HMAC: a forged, tampered or stale one is ignored,
 //! so a client cannot choose its server. `X-Forwarded-For` is believed only
 //! from `trusted_proxies`. Request heads are limited in size and time
-//! (`limits`), which also bounds idle keep-alive connections.
+//! (`limits`), which also bounds idle keep-alive connections; bodies in
+//! time as a whole; HTTP/2 streams, header lists, windows and resets have
+//! their own limits. Fields a client lists in `Connection` are not removed
+//! (they could strip `Authorization`). The admin API refuses requests from
+//! web pages and can require a bearer token.
 
 mod admin;
 mod config;
 mod h1;
 mod health;
+mod listener;
 mod pool;
 mod proxy;
+mod redirect;
 pub mod select;
+mod tls;
 mod upstream;
 
 pub use config::{
     parse_backend_flag, Backend, BackendConfig, Config, ConfigError, CookieConfig, HashConfig,
-    HashKey, HealthConfig, LimitsConfig, PolicyKind, RetryConfig,
+    HashKey, HealthConfig, LimitsConfig, PolicyKind, RetryConfig, SniCert, TlsConfig,
 };
 pub use pool::{Histogram, Member, Pool, State, Stats};
 
@@ -60,7 +73,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
@@ -75,6 +88,8 @@ pub(crate) struct Generation {
     pub(crate) pool: Pool,
     pub(crate) select: Box<dyn Select>,
     pub(crate) codec: Option<RouteCodec>,
+    /// The TLS server configuration (certificates), when TLS is on.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Balancer-wide counters.
@@ -89,11 +104,13 @@ pub(crate) struct Totals {
 }
 
 impl Totals {
-    pub(crate) fn count_generated(&self, code: u16) {
-        let counter = match code {
+    /// Counts an error answer the balancer made itself (502, 503, 504).
+    pub(crate) fn count_generated(&self, refusal: proxy::refusal::Refusal) {
+        let counter = match refusal.status() {
             502 => &self.bad_gateway,
             503 => &self.no_backend,
-            _ => &self.timeouts,
+            504 => &self.timeouts,
+            _ => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -121,6 +138,9 @@ pub(crate) struct Shared {
     started: Instant,
     config_path: Option<PathBuf>,
     secret: Vec<u8>,
+    resumption: tls::Resumption,
+    /// The admin token, fixed at start like the admin address.
+    pub(crate) admin_token: Option<String>,
     health_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Set when the balancer stops: connections close once idle.
     pub(crate) stopping: AtomicBool,
@@ -187,8 +207,13 @@ fn build_generation(
     previous: Option<&Pool>,
     started: Instant,
     secret: &[u8],
+    resumption: &tls::Resumption,
 ) -> Result<Generation, ConfigError> {
     let backends = config.resolve()?;
+    let tls = match &config.tls {
+        Some(t) => Some(tls::server_config(t, resumption)?),
+        None => None,
+    };
     let pool = Pool::new(&backends, previous, started);
     let codec = (config.policy == PolicyKind::Cookie)
         .then(|| RouteCodec::new(&config.cookie.name, secret, config.cookie.secure));
@@ -198,6 +223,7 @@ fn build_generation(
         pool,
         select,
         codec,
+        tls,
     })
 }
 
@@ -210,12 +236,27 @@ pub(crate) fn reload(shared: &Arc<Shared>) -> Result<(), ReloadError> {
     let path = shared.config_path.as_ref().ok_or(ReloadError::NoFile)?;
     let config = Config::from_file(path)?;
     let old = shared.current.load_full();
-    if config.listen != old.config.listen || config.admin != old.config.admin {
+    if config.listen != old.config.listen
+        || config.admin != old.config.admin
+        || config.redirect_http != old.config.redirect_http
+        || config.admin_token != old.config.admin_token
+    {
         tracing::warn!(
-            "listen and admin addresses change only on restart; keeping the current ones"
+            "listen, admin and redirect addresses and the admin token change only on restart; keeping the current ones"
         );
     }
-    let generation = build_generation(config, Some(&old.pool), shared.started, &shared.secret)?;
+    if config.tls.is_some() != old.config.tls.is_some() {
+        return Err(ReloadError::Config(ConfigError::Invalid(
+            "turning TLS on or off needs a restart (the listener would change protocol)".into(),
+        )));
+    }
+    let generation = build_generation(
+        config,
+        Some(&old.pool),
+        shared.started,
+        &shared.secret,
+        &shared.resumption,
+    )?;
     shared.current.store(Arc::new(generation));
     restart_health(shared);
     shared.totals.reloads.fetch_add(1, Ordering::Relaxed);
@@ -292,6 +333,7 @@ pub struct Balancer {
     shared: Arc<Shared>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    redirect: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -302,10 +344,26 @@ impl std::fmt::Debug for Balancer {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+/// Connections the kernel queues for a listener before it refuses more
+/// (capped by `net.core.somaxconn`). Rust's and tokio's default of 128
+/// overflowed under bursts of new connections (500 TLS clients at once):
+/// the dropped SYNs were retried a second later, which is a second of
+/// latency for those clients. With `limits.max_connections`, this queue is
+/// where connections beyond the limit wait.
+const BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
 impl Balancer {
@@ -326,12 +384,18 @@ impl Balancer {
             config.cookie.secret.as_bytes().to_vec()
         };
         let started = Instant::now();
-        let listener = bind(config.listen).await?;
+        let listener = bind(config.listen)?;
         let admin = match config.admin {
-            Some(a) => Some(bind(a).await?),
+            Some(a) => Some(bind(a)?),
             None => None,
         };
-        let generation = build_generation(config, None, started, &secret)?;
+        let redirect = match config.redirect_http {
+            Some(a) => Some(bind(a)?),
+            None => None,
+        };
+        let resumption = tls::Resumption::new()?;
+        let admin_token = config.admin_token.clone();
+        let generation = build_generation(config, None, started, &secret, &resumption)?;
         let shared = Arc::new(Shared {
             current: ArcSwap::from_pointee(generation),
             events: tokio::sync::broadcast::channel(1024).0,
@@ -339,6 +403,8 @@ impl Balancer {
             started,
             config_path,
             secret,
+            resumption,
+            admin_token,
             health_tasks: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
@@ -347,6 +413,7 @@ impl Balancer {
             shared,
             listener,
             admin,
+            redirect,
         })
     }
 
@@ -360,6 +427,11 @@ impl Balancer {
         self.admin.as_ref().and_then(|a| a.local_addr().ok())
     }
 
+    /// The redirect-to-HTTPS listener's address, if there is one.
+    pub fn redirect_addr(&self) -> Option<SocketAddr> {
+        self.redirect.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
     /// A handle for reloads and status.
     pub fn handle(&self) -> Handle {
         Handle {
@@ -368,7 +440,7 @@ impl Balancer {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting and lets
-    /// in-flight requests finish (up to 10 s).
+    /// in-flight requests and tunnels finish (up to `limits.drain_timeout_ms`).
     ///
     /// # Errors
     /// Only for failures of the listener itself.
@@ -377,6 +449,7 @@ impl Balancer {
             shared,
             listener,
             admin,
+            redirect,
         } = self;
         restart_health(&shared);
         let (stop_admin, admin_stopped) = tokio::sync::watch::channel(false);
@@ -391,43 +464,20 @@ impl Balancer {
                     .await;
             });
         }
-        let mut connections = tokio::task::JoinSet::new();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let (stream, peer) = match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // Out of file descriptors and the like: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    connections.spawn(proxy::serve(shared.clone(), stream, peer));
+        if let Some(redirect) = redirect {
+            let https_port = listener.local_addr()?.port();
+            let mut stopped = admin_stopped.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = redirect::serve(redirect, https_port) => {}
+                    _ = stopped.wait_for(|s| *s) => {}
                 }
-                // Reap finished connections as they end.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                () = &mut shutdown => break,
-            }
+            });
         }
-        drop(listener);
+        let tls = shared.current.load().tls.is_some();
+        let connections = listener::accept_loop(&shared, listener, tls, shutdown).await;
         let _ = stop_admin.send(true);
-        // Idle connections close now; busy ones after their exchange.
-        shared.stopping.store(true, Ordering::Relaxed);
-        shared.stop.notify_waiters();
-        let drained = async { while connections.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(10), drained)
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = connections.len(),
-                "requests still running after 10 s; closing their connections"
-            );
-            connections.abort_all();
-        }
+        listener::drain(&shared, connections).await;
         for t in shared
             .health_tasks
             .lock()

@@ -74,6 +74,8 @@ pub struct Stats {
     pub responses: [AtomicU64; 5],
     /// Tries that failed: connect errors, resets, timeouts.
     pub errors: AtomicU64,
+    /// Open WebSocket / Upgrade tunnels to this backend.
+    pub tunnels: AtomicUsize,
     /// Route cookies issued pinning clients to this backend.
     pub cookies_issued: AtomicU64,
     /// Time to response headers.

@@ -86,7 +86,9 @@ impl ConnPool {
         let _ = io.set_nodelay(true);
         Ok(Conn {
             io,
-            buf: BytesMut::with_capacity(8 * 1024),
+            // Allocated by the first read: a backend connection carrying a
+            // slow upload has nothing to read yet.
+            buf: BytesMut::new(),
             addr,
             idle_since: now,
             reused: false,

@@ -143,6 +143,73 @@ pub fn serve_on_own_core(app: Box<dyn FnOnce() -> axum::Router + Send>) -> std::
     rx.recv().expect("server address")
 }
 
+/// One `h2load` run's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct H2loadResult {
+    /// Requests per second.
+    pub rps: f64,
+    /// Mean time per request.
+    pub mean: Duration,
+    /// Requests that failed or errored.
+    pub errors: u64,
+    /// Requests that succeeded.
+    pub done: u64,
+}
+
+/// Parses an `h2load` report.
+pub fn parse_h2load(report: &str) -> Option<H2loadResult> {
+    let mut rps = None;
+    let mut mean = None;
+    let mut errors = None;
+    let mut done = None;
+    for line in report.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["finished", "in", _, v, "req/s,", ..] => rps = v.parse().ok(),
+            ["requests:", _, "total,", _, "started,", _, "done,", ok, "succeeded,", failed, "failed,", errored, "errored,", ..] =>
+            {
+                errors = Some(failed.parse::<u64>().ok()? + errored.parse::<u64>().ok()?);
+                done = ok.parse().ok();
+            }
+            ["time", "for", "request:", _, _, m, ..] => mean = parse_duration(m),
+            _ => {}
+        }
+    }
+    Some(H2loadResult {
+        rps: rps?,
+        mean: mean?,
+        errors: errors?,
+        done: done?,
+    })
+}
+
+/// Runs `h2load` (HTTP/2) against `url` with `args` (e.g. `-c32 -m10 -D5`).
+///
+/// # Errors
+/// If `h2load` is missing (the message says how to install it) or its
+/// report cannot be read.
+pub async fn h2load(url: &str, args: &[String]) -> Result<H2loadResult, String> {
+    let out = tokio::process::Command::new("h2load")
+        .args(args)
+        .arg(url)
+        .output()
+        .await
+        .map_err(|e| {
+            format!("cannot run h2load ({e}); install it with `apt-get install -y nghttp2-client`")
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_h2load(&text).ok_or_else(|| format!("unreadable h2load report:\n{text}"))
+}
+
+/// Resident memory of process `pid`, in KiB (Linux `/proc`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// The value of `--name N` on the command line, or `default`.
 pub fn arg<T: std::str::FromStr>(name: &str, default: T) -> T {
     let args: Vec<String> = std::env::args().collect();
@@ -186,6 +253,20 @@ Transfer/sec:     12.00MB
         assert_eq!(r.p99, Duration::from_micros(1200));
         assert_eq!(r.errors, 7);
         assert_eq!(r.requests, 500000);
+    }
+
+    #[test]
+    fn reads_an_h2load_report() {
+        let report = "finished in 5.00s, 41234.20 req/s, 3.10MB/s
+requests: 206171 total, 206171 started, 206171 done, 206170 succeeded, 1 failed, 0 errored, 0 timeout
+status codes: 206171 2xx, 0 3xx, 0 4xx, 0 5xx
+                     min         max         mean         sd        +/- sd
+time for request:      120us      9.10ms       7.40ms      1.20ms    70.00%
+";
+        let r = parse_h2load(report).unwrap();
+        assert_eq!(r.rps, 41234.20);
+        assert_eq!(r.mean, Duration::from_micros(7400));
+        assert_eq!((r.errors, r.done), (1, 206170));
     }
 
     #[test]

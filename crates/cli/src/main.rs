@@ -65,7 +65,7 @@ struct KeygenArgs {
 struct LbArgs {
     /// A TOML configuration file (reloaded on SIGHUP or POST /reload); other
     /// routing flags are then not allowed.
-    #[arg(long, conflicts_with_all = ["listen", "backends", "policy"])]
+    #[arg(long, conflicts_with_all = ["listen", "backends", "policy", "tls_cert", "redirect_http", "h2c", "max_connections", "tunnel_timeout_ms", "body_timeout_ms", "drain_timeout_ms"])]
     config: Option<std::path::PathBuf>,
     /// Address for clients; port 0 picks a free port (printed on stdout).
     #[arg(long)]
@@ -103,6 +103,34 @@ struct LbArgs {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Terminate TLS: the certificate chain (PEM, leaf first). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Also listen here for plain HTTP and redirect every request to HTTPS.
+    #[arg(long, requires = "tls_cert")]
+    redirect_http: Option<SocketAddr>,
+    /// Accept HTTP/2 without TLS from clients that know it is spoken (h2c).
+    #[arg(long)]
+    h2c: bool,
+    /// Client connections served at once; more wait in the accept queue.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Close a WebSocket tunnel after this long without traffic, ms.
+    #[arg(long)]
+    tunnel_timeout_ms: Option<u64>,
+    /// Time a client has to send a whole request body, ms.
+    #[arg(long)]
+    body_timeout_ms: Option<u64>,
+    /// On shutdown, cut requests and tunnels still open after this long, ms.
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
+    /// Token the admin listener requires (`Authorization: Bearer TOKEN`);
+    /// also read from TETHER_ADMIN_TOKEN.
+    #[arg(long)]
+    admin_token: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -306,6 +334,13 @@ fn run() -> anyhow::Result<ExitCode> {
     })
 }
 
+/// The admin token from the flag or the environment (kept out of `ps`).
+fn admin_token(args: &LbArgs) -> Option<String> {
+    args.admin_token
+        .clone()
+        .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
+}
+
 fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
     if let Some(path) = &args.config {
         return tether_lb::Config::from_file(path)
@@ -319,6 +354,7 @@ fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
     );
     let mut config = tether_lb::Config::new(listen, policy, args.backends.clone());
     config.admin = args.admin;
+    config.admin_token = admin_token(args);
     if let Some(secret) = &args.cookie_secret {
         config.cookie.secret.clone_from(secret);
     }
@@ -348,6 +384,24 @@ fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
     if let Some(ms) = args.header_timeout_ms {
         config.limits.header_timeout_ms = ms;
     }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(tether_lb::TlsConfig::new(cert, key));
+    }
+    config.redirect_http = args.redirect_http;
+    config.h2c = args.h2c;
+    if let Some(n) = args.max_connections {
+        config.limits.max_connections = n;
+    }
+    let limits = &mut config.limits;
+    for (flag, field) in [
+        (args.tunnel_timeout_ms, &mut limits.tunnel_timeout_ms),
+        (args.body_timeout_ms, &mut limits.body_timeout_ms),
+        (args.drain_timeout_ms, &mut limits.drain_timeout_ms),
+    ] {
+        if let Some(ms) = flag {
+            *field = ms;
+        }
+    }
     config.resolve().context("invalid configuration")?;
     Ok(config)
 }
@@ -357,14 +411,27 @@ async fn lb(args: LbArgs) -> anyhow::Result<ExitCode> {
     if args.config.is_some() && args.admin.is_some() {
         config.admin = args.admin;
     }
+    if args.config.is_some() {
+        if let Some(token) = admin_token(&args) {
+            config.admin_token = Some(token);
+        }
+    }
     let balancer = tether_lb::Balancer::bind(config.clone(), args.config.clone())
         .await
         .context("starting the load balancer")?;
     let addr = balancer.local_addr()?;
     tracing::info!(%addr, policy = ?config.policy, backends = config.backends.len(), "load balancer started");
-    println!("tether lb listening on http://{addr}");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("tether lb listening on {scheme}://{addr}");
     if let Some(admin) = balancer.admin_addr() {
         println!("tether lb admin listening on http://{admin}");
+    }
+    if let Some(redirect) = balancer.redirect_addr() {
+        println!("tether lb redirect listening on http://{redirect}");
     }
     #[cfg(unix)]
     {

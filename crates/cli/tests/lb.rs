@@ -385,6 +385,18 @@ async fn draining_keeps_bound_clients_and_takes_no_new_ones() {
     }
     let r = on_a.get(&fleet.url("/mypage")).await.unwrap();
     assert_eq!((r.status.as_u16(), r.node().unwrap().as_str()), (200, "A"));
+    // A route cookie is the same for every client of A, so anyone can
+    // collect one: alone (no session) it does not hold a drained backend.
+    let collector = Client::new();
+    let collected = on_a.cookie("TETHER_ROUTE").unwrap();
+    collector.set_cookie("TETHER_ROUTE", &collected);
+    let r = collector.get(&fleet.url("/health")).await.unwrap();
+    assert_eq!(r.node().unwrap(), "B");
+    assert_ne!(
+        collector.cookie("TETHER_ROUTE").unwrap(),
+        collected,
+        "not re-issued"
+    );
     let r = fleet.admin_post("/backends/Z/drain").await;
     assert_eq!(r.status, 404);
     fleet.admin_post("/backends/A/undrain").await;
@@ -834,4 +846,33 @@ async fn a_chunked_response_is_dechunked_for_an_http_1_0_client() {
         text.ends_with("\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
         "{text}"
     );
+}
+
+/// Regression (outside probe): one non-UTF-8 byte in another cookie made
+/// the balancer ignore the route cookie, re-route the client and issue a
+/// new cookie.
+#[tokio::test]
+async fn a_non_utf8_cookie_does_not_unpin_the_client() {
+    let fleet = Fleet::start("cookie", &["A", "B", "C"], &[]).await;
+    let user = Client::new();
+    let home = login(&user, &fleet, 1).await;
+    let route = user.cookie("TETHER_ROUTE").unwrap();
+    // `/health`: what is checked is the routing (the node itself does not
+    // read a session from a Cookie field that is not UTF-8).
+    for _ in 0..4 {
+        let mut request =
+            b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: theme=\xff\xfe; "
+                .to_vec();
+        request.extend_from_slice(format!("TETHER_ROUTE={route}\r\n\r\n").as_bytes());
+        let reply = exchange_raw(fleet.lb.addr(), &request).await;
+        let text = String::from_utf8_lossy(&reply);
+        assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+        let node = format!("x-tether-node: {home}\r\n");
+        assert!(
+            text.to_ascii_lowercase()
+                .contains(&node.to_ascii_lowercase()),
+            "{text}"
+        );
+        assert!(!text.contains("TETHER_ROUTE="), "re-pinned: {text}");
+    }
 }

@@ -9,6 +9,7 @@
 //!   ports, as a browser shares `localhost` cookies across ports: exactly the
 //!   situation of one user talking to several servers.
 //! - [`RedisServer`] starts a private `redis-server` in a temp dir.
+//! - [`TestCa`] issues certificates for TLS tests, made fresh in each run.
 //! - [`eventually`] polls a condition with a deadline instead of sleeping.
 //! - [`Shoppers`] keep writing through a balancer while a test breaks
 //!   things, and check every acknowledged write at the end.
@@ -18,6 +19,7 @@ mod fault;
 mod fleet;
 mod process;
 mod redis;
+mod tls;
 mod workload;
 
 /// The Redis client the kit uses, for tests that talk to its servers.
@@ -28,6 +30,7 @@ pub use fault::Isolation;
 pub use fleet::{loopback, Fleet, Member};
 pub use process::{lb_args, node_args, Process, TestServer};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
+pub use tls::{tls_connect, TestCa};
 pub use workload::{Progress, Running, Shoppers, Tally};
 
 /// Signal numbers for [`Process::signal`].

@@ -99,14 +99,15 @@ impl RouteCodec {
         })
     }
 
-    /// The `Set-Cookie` value pinning the client to `route`.
-    pub fn set_cookie(&self, route: &Route) -> String {
+    /// The `Set-Cookie` value pinning the client to `route`; `Secure` when
+    /// configured so or when the client came over TLS (`tls`).
+    pub fn set_cookie(&self, route: &Route, tls: bool) -> String {
         let mut c = format!(
             "{}={}; Path=/; HttpOnly; SameSite=Lax",
             self.name,
             self.encode(route)
         );
-        if self.secure {
+        if self.secure || tls {
             c.push_str("; Secure");
         }
         c
@@ -157,6 +158,7 @@ impl Select for CookiePolicy {
         // Values not computed up front (a larger pool, a backup that left
         // the configuration) are verified the slow way.
         let route = cookie_value(req.headers, self.codec.name())
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| self.known.get(v).cloned().or_else(|| self.codec.decode(v)));
         // A cookie naming a backend that no longer exists is stale: treat it as absent.
         let primary = route.as_ref().and_then(|r| pool.index_of(&r.primary));
@@ -295,14 +297,19 @@ mod tests {
     #[test]
     fn set_cookie_has_safe_attributes() {
         let c = RouteCodec::new("R", b"k", true);
-        let s = c.set_cookie(&Route {
+        let route = Route {
             primary: "A".into(),
             backup: None,
-        });
+        };
+        let s = c.set_cookie(&route, false);
         assert!(s.starts_with("R=A.."), "{s}");
         assert!(
             s.ends_with("; Path=/; HttpOnly; SameSite=Lax; Secure"),
             "{s}"
         );
+        // Behind TLS it is Secure even when not configured so.
+        let plain = RouteCodec::new("R", b"k", false);
+        assert!(!plain.set_cookie(&route, false).contains("Secure"));
+        assert!(plain.set_cookie(&route, true).ends_with("; Secure"));
     }
 }

@@ -19,20 +19,33 @@ use crate::pool::Pool;
 /// IPv4 (and IPv4-mapped IPv6) hashes only the first three octets, so a whole
 /// /24 shares a backend, exactly as nginx does; IPv6 hashes all 16 bytes.
 pub fn nginx_ip_hash_order(ip: IpAddr, weights: &[u32]) -> Vec<usize> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    nginx_ip_hash_order_in(ip, weights, total)
+}
+
+/// [`nginx_ip_hash_order`] with the weights' sum computed once.
+fn nginx_ip_hash_order_in(ip: IpAddr, weights: &[u32], total: u64) -> Vec<usize> {
     let v4 = match ip {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(v6) => v6.to_ipv4_mapped(),
     };
-    let bytes: Vec<u8> = match (v4, ip) {
-        (Some(v4), _) => v4.octets()[..3].to_vec(),
-        (None, IpAddr::V6(v6)) => v6.octets().to_vec(),
+    // The hashed bytes, without an allocation: this runs per request.
+    let mut key = [0u8; 16];
+    let bytes: &[u8] = match (v4, ip) {
+        (Some(v4), _) => {
+            key[..3].copy_from_slice(&v4.octets()[..3]);
+            &key[..3]
+        }
+        (None, IpAddr::V6(v6)) => {
+            key = v6.octets();
+            &key
+        }
         (None, IpAddr::V4(_)) => unreachable!("IPv4 handled above"),
     };
-    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
     let mut order = Vec::with_capacity(weights.len());
     let mut hash: u64 = 89;
     for _ in 0..20 {
-        for b in &bytes {
+        for b in bytes {
             hash = (hash * 113 + u64::from(*b)) % 6271;
         }
         let mut w = hash % total;
@@ -55,12 +68,26 @@ pub fn nginx_ip_hash_order(ip: IpAddr, weights: &[u32]) -> Vec<usize> {
 
 /// nginx-compatible `ip_hash`.
 #[derive(Debug, Default)]
-pub struct IpHash;
+pub struct IpHash {
+    /// The pool's weights and their sum, read once per configuration
+    /// instead of per request.
+    weights: Vec<u32>,
+    total: u64,
+}
+
+impl IpHash {
+    /// The policy for `pool`.
+    pub fn new(pool: &Pool) -> Self {
+        let weights: Vec<u32> = pool.members.iter().map(|m| m.weight).collect();
+        let total = weights.iter().map(|w| u64::from(*w)).sum();
+        Self { weights, total }
+    }
+}
 
 impl Select for IpHash {
     fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice {
-        let weights: Vec<u32> = pool.members.iter().map(|m| m.weight).collect();
-        let order = nginx_ip_hash_order(req.client_ip, &weights);
+        debug_assert_eq!(self.weights.len(), pool.len());
+        let order = nginx_ip_hash_order_in(req.client_ip, &self.weights, self.total);
         Choice {
             bound: order.first().copied(),
             order,
@@ -193,7 +220,9 @@ pub struct Owner {
 impl Select for Owner {
     fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice {
         // A malformed cookie is "no session", exactly as the nodes treat it.
-        let id = cookie_value(req.headers, &self.cookie).and_then(|v| SessionId::parse(v).ok());
+        let id = cookie_value(req.headers, &self.cookie)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| SessionId::parse(v).ok());
         match id {
             Some(id) => {
                 let order = rendezvous(&placement::segment(&id).to_le_bytes(), pool);

@@ -10,7 +10,7 @@ mod hash;
 mod load;
 
 pub use cookie::{CookiePolicy, Route, RouteCodec};
-pub use hash::{nginx_ip_hash_order, Ring};
+pub use hash::{nginx_ip_hash_order, IpHash, Ring};
 pub use load::{smooth_weighted_sequence, LeastConn, PowerOfTwo, RoundRobin};
 
 use std::net::IpAddr;
@@ -80,14 +80,20 @@ pub trait Select: Send + Sync {
 }
 
 /// The value of cookie `name` in the request, if present.
-pub fn cookie_value<'a>(headers: Headers<'a>, name: &str) -> Option<&'a str> {
+///
+/// Cookies are split as bytes: a browser may send any byte in another
+/// cookie's value, and one that is not UTF-8 must not hide this one.
+pub fn cookie_value<'a>(headers: Headers<'a>, name: &str) -> Option<&'a [u8]> {
     headers
         .get_all("cookie")
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
+        .flat_map(|v| v.split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()))
+        })
+        .find(|(k, _)| *k == name.as_bytes())
+        .map(|(_, v)| v)
 }
 
 /// Builds the configured policy.
@@ -104,7 +110,7 @@ pub fn build(
         PolicyKind::RoundRobin => Box::new(rr),
         PolicyKind::LeastConn => Box::new(LeastConn::default()),
         PolicyKind::P2c => Box::new(PowerOfTwo),
-        PolicyKind::IpHash => Box::new(hash::IpHash),
+        PolicyKind::IpHash => Box::new(hash::IpHash::new(pool)),
         PolicyKind::IpHashFull => Box::new(hash::IpHashFull),
         PolicyKind::Hash => {
             let bounded = (config.hash.bounded_load > 0.0).then_some(config.hash.bounded_load);
@@ -146,7 +152,7 @@ pub(crate) fn key_bytes<'a>(
     ip_buf: &'a mut [u8; 16],
 ) -> Option<&'a [u8]> {
     match key {
-        HashKey::Cookie(name) => cookie_value(req.headers, name).map(str::as_bytes),
+        HashKey::Cookie(name) => cookie_value(req.headers, name),
         HashKey::Header(name) => req.headers.get(name.as_str()),
         HashKey::Ip => {
             let n = match req.client_ip {
