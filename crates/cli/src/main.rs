@@ -155,9 +155,19 @@ struct NodeArgs {
     /// Largest session accepted, in bytes.
     #[arg(long, default_value_t = tether_core::DEFAULT_MAX_SIZE)]
     max_session_bytes: usize,
-    /// Redis only: after logins, WAIT for N replicas up to MS milliseconds (N:MS).
+    /// Redis only: after every write, WAIT for N replicas up to MS
+    /// milliseconds (N:MS); a write not replicated in time is answered 503.
     #[arg(long, value_parser = parse_wait)]
     redis_wait: Option<(u32, Duration)>,
+    /// Redis only: keep recently used sessions in this node, kept coherent
+    /// by Redis (RESP3 client tracking): reads of a cached session cost no
+    /// round trip. Best behind a sticky balancer (`sticky-redis`).
+    #[arg(long)]
+    redis_near_cache: bool,
+    /// Redis only: how many sessions the near cache holds (and at most
+    /// 256 MiB of attributes). Implies --redis-near-cache.
+    #[arg(long, value_name = "N")]
+    redis_near_cache_size: Option<usize>,
     /// JWT only: the key file every node shares (`tether jwt-keygen` makes one).
     #[arg(long)]
     jwt_key_file: Option<std::path::PathBuf>,
@@ -454,6 +464,20 @@ async fn lb(args: LbArgs) -> anyhow::Result<ExitCode> {
 async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!args.id.is_empty(), "--id must not be empty");
     anyhow::ensure!(args.idle_timeout > 0, "--idle-timeout must be positive");
+    let redis_options = args.redis_wait.is_some()
+        || args.redis_near_cache
+        || args.redis_near_cache_size.is_some();
+    anyhow::ensure!(
+        !redis_options
+            || matches!(args.store, StoreSpec::Redis(_))
+            || matches!(args.jwt_revocation, Some(StoreSpec::Redis(_))),
+        "--redis-wait and --redis-near-cache need --store redis://… (or redis+sentinel://, \
+         redis+cluster://), or --jwt-revocation redis://…"
+    );
+    anyhow::ensure!(
+        args.redis_near_cache_size != Some(0),
+        "--redis-near-cache-size must be at least 1"
+    );
     let config = NodeConfig {
         id: args.id,
         store: args.store,
@@ -461,6 +485,11 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         idle_timeout: Duration::from_secs(args.idle_timeout),
         max_session_bytes: args.max_session_bytes,
         redis_wait: args.redis_wait,
+        redis_near_cache: match (args.redis_near_cache, args.redis_near_cache_size) {
+            (_, Some(n)) => Some(n),
+            (true, None) => Some(100_000),
+            (false, None) => None,
+        },
         jwt_key_file: args.jwt_key_file,
         jwt_revocation: args.jwt_revocation,
         cluster: None,

@@ -76,8 +76,12 @@ pub struct NodeConfig {
     pub idle_timeout: Duration,
     /// The largest session accepted, in bytes.
     pub max_session_bytes: usize,
-    /// Redis only: `WAIT` for this many replicas (and this long) after logins.
+    /// Redis only: `WAIT` for this many replicas (and this long) after every
+    /// write; a write not replicated in time is answered 503.
     pub redis_wait: Option<(u32, Duration)>,
+    /// Redis only: keep up to this many recently used sessions in the node,
+    /// kept coherent by Redis (client-side caching); `None`: off.
+    pub redis_near_cache: Option<usize>,
     /// JWT only: the key file shared by the nodes.
     pub jwt_key_file: Option<std::path::PathBuf>,
     /// JWT only: where revocations are kept (`memory` or a Redis URL); none
@@ -97,6 +101,7 @@ impl NodeConfig {
             idle_timeout: Duration::from_secs(1800),
             max_session_bytes: tether_core::DEFAULT_MAX_SIZE,
             redis_wait: None,
+            redis_near_cache: None,
             jwt_key_file: None,
             jwt_revocation: None,
             cluster: None,
@@ -114,6 +119,7 @@ pub struct Node {
     last_request: Arc<AtomicU64>,
     started: std::time::Instant,
     memory: Option<Arc<MemoryStore>>,
+    redis: Option<Arc<tether_redis::RedisStore>>,
     revocation: Option<tether_jwt::Revocation>,
     cluster: Option<Arc<tether_cluster::ClusterStore>>,
     /// Where sessions live, for the pages.
@@ -130,15 +136,23 @@ impl Node {
 /// Why a node could not be built.
 pub type AppError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A server-side store, and the same store as a `MemoryStore` when it is one
-/// (its statistics are served on `/stats`).
-type ServerStore = (Arc<dyn tether::SessionStore>, Option<Arc<MemoryStore>>);
+/// A server-side store, and the same store as a `MemoryStore` or a
+/// `RedisStore` when it is one (their statistics are served on `/stats` and
+/// `/metrics`).
+type ServerStore = (
+    Arc<dyn tether::SessionStore>,
+    Option<Arc<MemoryStore>>,
+    Option<Arc<tether_redis::RedisStore>>,
+);
+
+/// The near cache's memory bound (attribute bytes), beside its entry count.
+const NEAR_CACHE_BYTES: usize = 256 << 20;
 
 fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, AppError> {
     Ok(match spec {
         StoreSpec::Memory => {
             let store = Arc::new(MemoryStore::new().with_max_size(config.max_session_bytes));
-            (store.clone(), Some(store))
+            (store.clone(), Some(store), None)
         }
         StoreSpec::Redis(url) => {
             let mut store =
@@ -146,7 +160,11 @@ fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, Ap
             if let Some((replicas, timeout)) = config.redis_wait {
                 store = store.with_wait(replicas, timeout);
             }
-            (Arc::new(store), None)
+            if let Some(entries) = config.redis_near_cache {
+                store = store.with_near_cache(entries, NEAR_CACHE_BYTES);
+            }
+            let store = Arc::new(store);
+            (store.clone(), None, Some(store))
         }
         StoreSpec::Jwt | StoreSpec::Cluster => {
             return Err("jwt and cluster are not usable as a revocation store".into())
@@ -167,6 +185,7 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
     let mut jwks = None;
     let mut revocation = None;
     let mut cluster = None;
+    let mut redis = None;
     let (layer, memory) = match &config.store {
         StoreSpec::Cluster => {
             let mut settings = config
@@ -188,7 +207,7 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
             jwks = Some(codec.jwks().clone());
             let mut jwt = tether::JwtSessions::new(codec);
             if let Some(spec) = &config.jwt_revocation {
-                let (store, _) = server_store(spec, config)?;
+                let (store, _, _) = server_store(spec, config)?;
                 let lifetime = sessions.expiry().absolute.unwrap_or(config.idle_timeout);
                 let r = tether_jwt::Revocation::new(store, lifetime);
                 revocation = Some(r.clone());
@@ -197,7 +216,8 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
             (SessionLayer::jwt(jwt), None)
         }
         spec => {
-            let (store, memory) = server_store(spec, config)?;
+            let (store, memory, r) = server_store(spec, config)?;
+            redis = r;
             (SessionLayer::from_arc(store), memory)
         }
     };
@@ -208,6 +228,7 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         last_request: Arc::new(AtomicU64::new(0)),
         started: std::time::Instant::now(),
         memory,
+        redis,
         revocation,
         cluster,
         store_kind: match &config.store {
@@ -597,6 +618,21 @@ async fn metrics(State(node): State<Node>) -> Response {
         "Requests served.",
         node.requests.load(Ordering::Relaxed) as f64,
     );
+    if let Some(s) = node.redis.as_ref().and_then(|r| r.near_cache_stats()) {
+        let n = |v: u64| v as f64;
+        let rows: [(&str, &str, &str, f64); 7] = [
+            ("tether_redis_near_cache_hits_total", "counter", "Session reads answered by the near cache.", n(s.hits)),
+            ("tether_redis_near_cache_misses_total", "counter", "Session reads that went to Redis.", n(s.misses)),
+            ("tether_redis_near_cache_invalidations_total", "counter", "Sessions dropped because Redis said another client changed them.", n(s.invalidations)),
+            ("tether_redis_near_cache_flushes_total", "counter", "Times the whole cache was dropped (a connection broke or changed).", n(s.flushes)),
+            ("tether_redis_near_cache_evictions_total", "counter", "Sessions dropped to stay within the bounds.", n(s.evictions)),
+            ("tether_redis_near_cache_entries", "gauge", "Sessions held.", n(s.entries)),
+            ("tether_redis_near_cache_bytes", "gauge", "Attribute bytes held.", n(s.bytes)),
+        ];
+        for (name, kind, help, value) in rows {
+            line(name, kind, help, value);
+        }
+    }
     if let Some(c) = &node.cluster {
         let m = c.metrics();
         let status = c.status();
@@ -659,6 +695,15 @@ async fn stats(State(node): State<Node>) -> Json<serde_json::Value> {
         "sessions": sessions,
         "session_bytes": bytes,
         "cluster_live": node.cluster.as_ref().map(|c| c.live_nodes()),
+        "near_cache": node.redis.as_ref().and_then(|r| r.near_cache_stats()).map(|s| json!({
+            "hits": s.hits,
+            "misses": s.misses,
+            "invalidations": s.invalidations,
+            "flushes": s.flushes,
+            "evictions": s.evictions,
+            "entries": s.entries,
+            "bytes": s.bytes,
+        })),
         "cluster": node.cluster.as_ref().map(|c| {
             let s = c.status();
             json!({

@@ -1,31 +1,58 @@
-//! Sessions in Redis: standalone, Sentinel or Cluster.
+//! Sessions in Redis: standalone, Sentinel or Cluster, with an optional
+//! near cache that Redis keeps coherent.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use tether_redis::RedisStore;
-//! let store = RedisStore::open("redis://127.0.0.1:6379")?;
+//! let store = RedisStore::open("redis://127.0.0.1:6379")?
+//!     // Recently used sessions kept in this process, invalidated by Redis.
+//!     .with_near_cache(100_000, 256 << 20);
 //! // or "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster"
 //! // or "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
 //! let layer = tether::SessionLayer::new(store);
 //! # let _ = layer; Ok(()) }
 //! ```
 //!
-//! # What it does better than the usual Redis session stores
-//! - **Deltas, atomically.** A save writes only the attributes the request
-//!   changed, in one Lua script that also refuses to resurrect a deleted or
-//!   expired session and enforces the size limit before writing anything.
-//!   Two requests changing different attributes both survive (stores that
-//!   rewrite the whole session lose one).
-//! - **One round trip.** Loading (with the lazy expiry refresh) is one
-//!   `EVALSHA`; a write is one; creating is one. A request that reads and
-//!   then writes costs two.
-//! - **Readable.** One hash per session; attributes are JSON
-//!   (`HGETALL tether:session:{ID}` in `redis-cli`).
-//! - **Failover.** Sentinel: the master is re-resolved on every reconnect,
-//!   after a `READONLY` answer (a demoted master) and when a sentinel
-//!   announces `+switch-master`. Cluster: redirections and topology refresh
-//!   by the driver. While Redis is unreachable every operation fails fast
-//!   with [`StoreError::Unavailable`] (HTTP 503) and recovers by itself.
+//! # What it costs Redis
+//! - **A read is one `HGETALL`**: no script. Expiry is checked by the
+//!   client; the lazy refresh of the inactivity timer (a small script that
+//!   rewrites one field) runs only once a fraction of the window has passed.
+//! - **A write is one `EVALSHA`** of a script that reads one field (the
+//!   packed metadata), the lengths of the changed attributes only (the
+//!   session's size is kept, not recomputed), writes once and sets the TTL.
+//!   It refuses to resurrect a deleted or expired session, checks the size
+//!   limit and [`Delta::expect`]'s conditions before writing anything.
+//! - **Deltas.** A write carries only the attributes the request changed:
+//!   two requests changing different attributes both survive, and a 10 KB
+//!   session changed by one attribute sends one attribute.
+//!
+//! # Near cache
+//! [`RedisStore::with_near_cache`] keeps recently used sessions in the
+//! process, coherent through Redis's server-assisted client-side caching
+//! (RESP3 `CLIENT TRACKING ON OPTIN NOLOOP`): Redis remembers which sessions
+//! this process read and pushes an invalidation when another client changes
+//! one. A read of a cached session costs **no round trip**; a read-then-write
+//! costs **one** (the cache is updated from the write's answer when the
+//! version shows nobody else wrote in between). [`Session::modify`]'s
+//! conditions are checked by Redis, so a stale cached value costs a retry,
+//! never a lost update.
+//!
+//! What it promises: a session changed on another node is invalidated here
+//! as soon as Redis's push reaches this process, which Redis sends before it
+//! answers the writer; a request that reaches this node *after* the
+//! writer's answer reached its client can still, rarely, be served the old
+//! value if the push is still in flight (see `docs/BENCHMARKS.md` for the
+//! measured rate). The whole cache is dropped when a tracking connection
+//! breaks or is replaced (failover, `+switch-master`, `FLUSHALL`).
+//!
+//! [`Session::modify`]: https://docs.rs/tether/latest/tether/struct.Session.html#method.modify
+//!
+//! # Failover
+//! Sentinel: the master is re-resolved on every reconnect, after a
+//! `READONLY` answer (a demoted master) and when a sentinel announces
+//! `+switch-master`. Cluster: redirections and topology refresh by the
+//! driver. While Redis is unreachable every operation fails fast with
+//! [`StoreError::Unavailable`] (HTTP 503) and recovers by itself.
 //!
 //! # Rotation on Redis Cluster
 //! The old and new IDs hash to different slots, so `RENAME` (Spring
@@ -34,27 +61,37 @@
 //! three round trips, and a write to the old ID by a concurrent request in
 //! that instant is lost. On one node it is one atomic script.
 //!
-//! # Durability knob
-//! [`RedisStore::with_wait`] sends `WAIT n timeout` after creations and
-//! rotations (logins), so an acknowledged login has reached `n` replicas
-//! before the user sees it. It narrows, but cannot close, the window in
-//! which a failover loses a write: Redis replication stays asynchronous and
-//! a replica that acknowledged may still not be the one promoted.
+//! # Durability: [`RedisStore::with_wait`]
+//! Redis replicates asynchronously: a master that dies loses the writes its
+//! replicas had not received, and it acknowledged them. With
+//! `with_wait(n, timeout)` every write (creation, change, rotation,
+//! deletion) is followed by `WAIT n timeout` on the same connection, and a
+//! write that did not reach `n` replicas in time is answered
+//! [`StoreError::Unavailable`] (503): it is on the master but not promised.
+//! That closes the window for a failover that promotes a replica that had
+//! acknowledged; it is still not strong consistency (a replica that
+//! acknowledged is not necessarily the one Sentinel promotes when there are
+//! several, and a partitioned master keeps accepting writes until
+//! `min-replicas-to-write` stops it).
 
+mod cache;
 mod conn;
+mod layout;
 mod scripts;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::{RedisError, Script, Value};
-use serde_json::value::RawValue;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, Script, Value};
 use tether_core::{
-    BoxError, Delta, Load, Record, SessionId, SessionStore, StoreError, Timestamp, DEFAULT_MAX_SIZE,
+    Delta, Load, Record, SessionId, SessionStore, StoreError, Timestamp, DEFAULT_MAX_SIZE,
 };
 
+pub use cache::NearCacheStats;
+use cache::{NearCache, Ticket};
 use conn::{Connector, Live, Source};
+use layout::{corrupt, text, Meta};
 
 /// The URL could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -73,17 +110,35 @@ pub enum OpenError {
     Redis(#[source] RedisError),
 }
 
+/// A write Redis made on the master but could not promise was replicated.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "written on the Redis master but acknowledged by {acked} of {wanted} replicas within {timeout_ms} ms"
+)]
+struct NotReplicated {
+    acked: i64,
+    wanted: u32,
+    timeout_ms: u64,
+}
+
+/// The write scripts, loaded into Redis on first use.
+struct Scripts {
+    create: Script,
+    apply: Script,
+    touch: Script,
+    rotate: Script,
+}
+
 /// A [`SessionStore`] in Redis.
 pub struct RedisStore {
     conn: Arc<Connector>,
     prefix: String,
     max_size: usize,
     wait: Option<(u32, Duration)>,
-    load: Script,
-    create: Script,
-    apply: Script,
-    rotate: Script,
+    cache: Option<Arc<NearCache>>,
+    scripts: Scripts,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    heartbeat: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -92,14 +147,19 @@ impl std::fmt::Debug for RedisStore {
             .field("prefix", &self.prefix)
             .field("max_size", &self.max_size)
             .field("cluster", &self.conn.is_cluster())
+            .field("wait", &self.wait)
+            .field("near_cache", &self.cache.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
-        if let Some(w) = self.watcher.take() {
-            w.abort();
+        for task in [self.watcher.take(), self.heartbeat.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
         }
     }
 }
@@ -145,6 +205,83 @@ fn host_port(url: &str, s: &str) -> Result<(String, u16), OpenError> {
     Ok((h.trim_matches(['[', ']']).to_string(), port))
 }
 
+fn source(url: &str) -> Result<Source, OpenError> {
+    if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+        let (user, pass, rest) = split_auth(rest);
+        let mut parts = rest.split('/');
+        let hosts = parts.next().unwrap_or_default();
+        let master = parts
+            .next()
+            .filter(|m| !m.is_empty())
+            .ok_or_else(|| url_error(url, "missing /MASTER_NAME after the sentinel addresses"))?;
+        let db = match parts.next() {
+            Some(d) => Some(d.parse().map_err(|_| url_error(url, "bad db number"))?),
+            None => None,
+        };
+        let mut addrs = Vec::new();
+        for h in hosts.split(',') {
+            let (host, port) = host_port(url, h)?;
+            addrs.push(redis::ConnectionAddr::Tcp(host, port));
+        }
+        // Validate now so a bad URL fails at startup, not at first use.
+        redis::sentinel::SentinelClientBuilder::new(
+            addrs.clone(),
+            master,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .and_then(redis::sentinel::SentinelClientBuilder::build)
+        .map_err(OpenError::Redis)?;
+        Ok(Source::Sentinel {
+            addrs,
+            master: master.to_string(),
+            user,
+            pass,
+            db,
+        })
+    } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        let (user, pass, hosts) = split_auth(rest.trim_end_matches('/'));
+        let mut nodes = Vec::new();
+        for h in hosts.split(',') {
+            let (host, port) = host_port(url, h)?;
+            nodes.push(format!("redis://{host}:{port}"));
+        }
+        redis::cluster::ClusterClient::new(nodes.clone()).map_err(OpenError::Redis)?;
+        Ok(Source::Cluster(nodes, user, pass))
+    } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+        if url.starts_with("rediss://") && !cfg!(feature = "tls") {
+            return Err(url_error(
+                url,
+                "TLS needs tether-redis built with the `tls` feature",
+            ));
+        }
+        Ok(Source::Single(
+            url.into_connection_info().map_err(OpenError::Redis)?,
+        ))
+    } else {
+        Err(url_error(
+            url,
+            "use redis://, rediss://, redis+sentinel:// or redis+cluster://",
+        ))
+    }
+}
+
+/// `EVALSHA` of `script` on `keys`; arguments follow.
+fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys.len());
+    for k in keys {
+        cmd.arg(*k);
+    }
+    cmd
+}
+
+/// What one write's pipeline answered: the script's value, and `WAIT`'s
+/// count when one was sent.
+struct Written {
+    value: Value,
+    replicas: Option<i64>,
+}
+
 impl RedisStore {
     /// Connects lazily to the deployment named by `url`:
     ///
@@ -159,76 +296,22 @@ impl RedisStore {
     /// # Errors
     /// A malformed URL or one the driver rejects.
     pub fn open(url: &str) -> Result<Self, OpenError> {
-        let source = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            let (user, pass, rest) = split_auth(rest);
-            let mut parts = rest.split('/');
-            let hosts = parts.next().unwrap_or_default();
-            let master = parts.next().filter(|m| !m.is_empty()).ok_or_else(|| {
-                url_error(url, "missing /MASTER_NAME after the sentinel addresses")
-            })?;
-            let db: Option<i64> = match parts.next() {
-                Some(d) => Some(d.parse().map_err(|_| url_error(url, "bad db number"))?),
-                None => None,
-            };
-            let mut addrs = Vec::new();
-            for h in hosts.split(',') {
-                let (host, port) = host_port(url, h)?;
-                addrs.push(redis::ConnectionAddr::Tcp(host, port));
-            }
-            let mut builder = redis::sentinel::SentinelClientBuilder::new(
-                addrs,
-                master,
-                redis::sentinel::SentinelServerType::Master,
-            )
-            .map_err(OpenError::Redis)?;
-            if let Some(u) = user {
-                builder = builder.set_client_to_redis_username(u);
-            }
-            if let Some(p) = pass {
-                builder = builder.set_client_to_redis_password(p);
-            }
-            if let Some(db) = db {
-                builder = builder.set_client_to_redis_db(db);
-            }
-            Source::Sentinel(tokio::sync::Mutex::new(
-                builder.build().map_err(OpenError::Redis)?,
-            ))
-        } else if let Some(rest) = url.strip_prefix("redis+cluster://") {
-            let (user, pass, hosts) = split_auth(rest.trim_end_matches('/'));
-            let mut nodes = Vec::new();
-            for h in hosts.split(',') {
-                let (host, port) = host_port(url, h)?;
-                nodes.push(format!("redis://{host}:{port}"));
-            }
-            // Validate now so a bad URL fails at startup, not at first use.
-            redis::cluster::ClusterClient::new(nodes.clone()).map_err(OpenError::Redis)?;
-            Source::Cluster(nodes, user, pass)
-        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
-            if url.starts_with("rediss://") && !cfg!(feature = "tls") {
-                return Err(url_error(
-                    url,
-                    "TLS needs tether-redis built with the `tls` feature",
-                ));
-            }
-            Source::Single(redis::Client::open(url).map_err(OpenError::Redis)?)
-        } else {
-            return Err(url_error(
-                url,
-                "use redis://, rediss://, redis+sentinel:// or redis+cluster://",
-            ));
-        };
-        let conn = Connector::new(source, Duration::from_secs(1), Duration::from_secs(2));
+        let conn = Connector::new(source(url)?, Duration::from_secs(1), Duration::from_secs(2));
         let watcher = sentinel_watch(url, &conn);
         Ok(Self {
             conn,
             prefix: "tether:session:".into(),
             max_size: DEFAULT_MAX_SIZE,
             wait: None,
-            load: Script::new(&scripts::load()),
-            create: Script::new(&scripts::create()),
-            apply: Script::new(&scripts::apply()),
-            rotate: Script::new(&scripts::rotate()),
+            cache: None,
+            scripts: Scripts {
+                create: Script::new(&scripts::create()),
+                apply: Script::new(&scripts::apply()),
+                touch: Script::new(&scripts::touch()),
+                rotate: Script::new(&scripts::rotate()),
+            },
             watcher,
+            heartbeat: None,
         })
     }
 
@@ -246,8 +329,9 @@ impl RedisStore {
         self
     }
 
-    /// After creations and rotations, waits until `replicas` replicas have
-    /// the write or `timeout` passes (`WAIT`); see the crate docs for limits.
+    /// Follows every write with `WAIT replicas timeout` and answers
+    /// [`StoreError::Unavailable`] when fewer replicas acknowledged it in
+    /// time; see the crate docs for what this does and does not promise.
     #[must_use]
     pub fn with_wait(mut self, replicas: u32, timeout: Duration) -> Self {
         self.conn
@@ -256,16 +340,53 @@ impl RedisStore {
         self
     }
 
+    /// Keeps up to `entries` recently used sessions (and at most `bytes` of
+    /// their attributes) in this process, kept coherent by Redis (see the
+    /// crate docs). Call before the store is first used.
+    #[must_use]
+    ///
+    /// Call it inside a Tokio runtime: the connections' heartbeat (which
+    /// bounds how long a silently cut connection can leave the cache
+    /// unaware of other nodes' writes) runs on it.
+    pub fn with_near_cache(mut self, entries: usize, bytes: usize) -> Self {
+        let cache = NearCache::new(entries, bytes);
+        self.conn.track(cache.clone());
+        self.cache = Some(cache);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.heartbeat = Some(runtime.spawn(self.conn.clone().heartbeat()));
+        }
+        self
+    }
+
+    /// What the near cache did so far; `None` without one.
+    pub fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
+    }
+
     /// The Redis key of session `id`.
     pub fn key(&self, id: &SessionId) -> String {
         format!("{}{{{}}}", self.prefix, id)
     }
 
-    async fn live(&self) -> Result<Live, StoreError> {
-        match self.conn.get().await {
-            Ok(l) => Ok(l),
-            Err(e) => Err(StoreError::Unavailable(Box::new(e))),
-        }
+    fn tracking(&self) -> bool {
+        self.cache.is_some()
+    }
+
+    fn ticket(&self) -> Option<Ticket> {
+        self.cache.as_ref().map(|c| c.ticket())
+    }
+
+    /// The connection for session `id`: with `WAIT`, one of the dedicated
+    /// connections (a `WAIT` blocks the connection it is sent on), always
+    /// the same for one session (see [`Connector::get_waited`]).
+    async fn live_for(&self, id: &SessionId) -> Result<Live, StoreError> {
+        let got = if self.wait.is_some() {
+            let affinity = usize::from(id.as_bytes()[0]) | usize::from(id.as_bytes()[1]) << 8;
+            self.conn.get_waited(affinity).await
+        } else {
+            self.conn.get().await
+        };
+        got.map_err(|e| StoreError::Unavailable(Box::new(e)))
     }
 
     async fn fail(&self, e: RedisError) -> StoreError {
@@ -273,54 +394,149 @@ impl RedisStore {
         classify(e)
     }
 
-    /// The connection for a login write: the dedicated one when `WAIT`
-    /// follows (it must be the connection that made the write).
-    async fn live_for_login(&self) -> Result<Live, StoreError> {
-        if self.wait.is_none() {
-            return self.live().await;
+    /// A pipeline that starts with what makes the next command's reads
+    /// tracked: `CLIENT CACHING yes` (OPTIN mode), and on a cluster the
+    /// tracking switch itself, since the driver's per-node connections
+    /// cannot be set up otherwise (re-enabling is cheap and idempotent).
+    /// [`Self::send`] drops their answers.
+    fn pipeline(&self) -> Pipeline {
+        let mut pipe = redis::pipe();
+        if self.tracking() {
+            if self.conn.is_cluster() {
+                pipe.cmd("CLIENT")
+                    .arg("TRACKING")
+                    .arg("ON")
+                    .arg("OPTIN")
+                    .arg("NOLOOP");
+            }
+            pipe.cmd("CLIENT").arg("CACHING").arg("YES");
         }
-        self.conn
-            .get_waited()
-            .await
-            .map_err(|e| StoreError::Unavailable(Box::new(e)))
+        pipe
     }
 
-    async fn wait_for_replicas(&self, live: Live, id: &SessionId) -> Result<(), StoreError> {
-        let Some((n, timeout)) = self.wait else {
-            return Ok(());
-        };
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(n)
-            .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        let got: Result<i64, RedisError> = match live {
-            Live::Node(mut c) => cmd.query_async(&mut c).await,
-            Live::Cluster(mut c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(slot(&id.to_string()), SlotAddr::Master);
-                c.route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
+    /// How many commands [`Self::pipeline`] starts with.
+    fn prelude(&self) -> usize {
+        match (self.tracking(), self.conn.is_cluster()) {
+            (false, _) => 0,
+            (true, false) => 1,
+            (true, true) => 2,
+        }
+    }
+
+    /// Reads session `id`'s hash (tracked when the near cache is on).
+    async fn read(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+        let mut pipe = self.pipeline();
+        pipe.cmd("HGETALL").arg(self.key(id));
+        // A read is safe to repeat, so one reconnect-and-retry hides a
+        // connection that died while idle (Redis restarted, failover).
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut live = self.live_for(id).await?;
+            let got = live
+                .exec(&pipe, id)
                 .await
-                .and_then(|v| redis::from_redis_value(v).map_err(RedisError::from))
+                .and_then(|mut v| v.pop().unwrap_or(Value::Nil).extract_error());
+            match got {
+                Ok(v) => return layout::parse_hash(*id, v),
+                Err(e) if tries == 1 && conn::must_reconnect(&e) => self.conn.on_error(&e).await,
+                Err(e) => return Err(self.fail(e).await),
             }
+        }
+    }
+
+    /// Sends one write: `pipe` (from [`Self::pipeline`], the script's
+    /// command last) and `WAIT` when `waited` and configured.
+    async fn write(
+        &self,
+        id: &SessionId,
+        mut pipe: Pipeline,
+        waited: bool,
+    ) -> Result<Written, StoreError> {
+        let wait = self.wait.filter(|_| waited);
+        if let Some((n, timeout)) = wait {
+            pipe.cmd("WAIT")
+                .arg(n)
+                .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        }
+        let mut out = self.send(id, &pipe).await?.into_iter();
+        let value = match out.next().unwrap_or(Value::Nil).extract_error() {
+            Ok(v) => v,
+            Err(e) => return Err(self.fail(e).await),
         };
-        match got {
-            Ok(acked) if acked >= i64::from(n) => Ok(()),
-            Ok(acked) => {
+        let replicas = match out.next().map(Value::extract_error) {
+            None => None,
+            Some(Ok(Value::Int(n))) => Some(n),
+            Some(Ok(other)) => return Err(corrupt(format!("unexpected WAIT answer {other:?}"))),
+            Some(Err(e)) => return Err(self.fail(e).await),
+        };
+        Ok(Written { value, replicas })
+    }
+
+    /// Sends `pipe` and returns the answers after the prelude, loading the
+    /// scripts and sending it again if Redis does not know them yet
+    /// (`NOSCRIPT`: first use, a restart, a failover, `SCRIPT FLUSH`). Not
+    /// retried otherwise: a write may have happened.
+    async fn send(&self, id: &SessionId, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
+        let mut loaded = false;
+        loop {
+            let mut live = self.live_for(id).await?;
+            let mut out = match live.exec(pipe, id).await {
+                Ok(out) => out,
+                Err(e) => return Err(self.fail(e).await),
+            };
+            out.drain(..self.prelude().min(out.len()));
+            let unknown = out
+                .iter()
+                .any(|v| matches!(v, Value::ServerError(e) if e.code() == "NOSCRIPT"));
+            if unknown && !loaded {
+                loaded = true;
+                self.load_scripts(&mut live).await?;
+                continue;
+            }
+            return Ok(out);
+        }
+    }
+
+    async fn load_scripts(&self, live: &mut Live) -> Result<(), StoreError> {
+        let s = &self.scripts;
+        for script in [&s.create, &s.apply, &s.touch, &s.rotate] {
+            if let Err(e) = script.load_async(live).await {
+                return Err(self.fail(e).await);
+            }
+        }
+        Ok(())
+    }
+
+    /// `Err` when the write's `WAIT` fell short: written, not promised.
+    fn replicated(&self, written: &Written) -> Result<(), StoreError> {
+        match (self.wait, written.replicas) {
+            (Some((wanted, timeout)), Some(acked)) if acked < i64::from(wanted) => {
                 tracing::warn!(
                     acked,
-                    wanted = n,
-                    "WAIT timed out: the login is written but not yet replicated as configured"
+                    wanted,
+                    "WAIT timed out: the write is on the master but not replicated as configured"
                 );
-                Ok(())
+                Err(StoreError::Unavailable(Box::new(NotReplicated {
+                    acked,
+                    wanted,
+                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                })))
             }
-            Err(e) => Err(self.fail(e).await),
+            _ => Ok(()),
         }
     }
 
-    fn delta_args(&self, inv: &mut redis::ScriptInvocation<'_>, delta: &Delta, now: Timestamp) {
-        inv.arg(now.0)
+    fn track_arg(&self) -> &'static str {
+        if self.tracking() {
+            "1"
+        } else {
+            "0"
+        }
+    }
+
+    fn delta_args(&self, cmd: &mut Cmd, delta: &Delta, now: Timestamp) {
+        cmd.arg(now.0)
             .arg(self.max_size)
             .arg(u8::from(delta.clear))
             .arg(
@@ -328,42 +544,156 @@ impl RedisStore {
                     .idle_ms
                     .map_or(-1, |i| i64::try_from(i).unwrap_or(i64::MAX)),
             );
-        let sets: Vec<(&String, &RawValue)> = delta
-            .changes
-            .iter()
-            .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
-            .collect();
-        inv.arg(sets.len());
-        for (k, v) in sets {
-            inv.arg(k.as_str()).arg(v.get());
+        let sets = delta.changes.values().filter(|v| v.is_some()).count();
+        cmd.arg(sets);
+        for (k, v) in &delta.changes {
+            if let Some(v) = v {
+                cmd.arg(k.as_str()).arg(v.get());
+            }
         }
-        let removes: Vec<&String> = delta
-            .changes
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k)
-            .collect();
-        inv.arg(removes.len());
-        for k in removes {
-            inv.arg(k.as_str());
+        cmd.arg(delta.changes.len() - sets);
+        for (k, v) in &delta.changes {
+            if v.is_none() {
+                cmd.arg(k.as_str());
+            }
         }
-        inv.arg(delta.expect.len());
+        cmd.arg(delta.expect.len());
         for (k, v) in &delta.expect {
             match v {
-                Some(v) => inv.arg(k.as_str()).arg("1").arg(v.get()),
-                None => inv.arg(k.as_str()).arg("0").arg(""),
+                Some(v) => cmd.arg(k.as_str()).arg("1").arg(v.get()),
+                None => cmd.arg(k.as_str()).arg("0").arg(""),
             };
         }
+        cmd.arg(self.track_arg());
+    }
+
+    /// Records an access at `now` (the lazy refresh of the inactivity
+    /// timer). `Ok(Ok(record))`: `record` with the access recorded, or
+    /// `None` if the session is gone; `Ok(Err(()))`: the session changed
+    /// since `record` was read (read it again).
+    async fn touch(
+        &self,
+        mut record: Record,
+        now: Timestamp,
+    ) -> Result<Result<Option<Record>, ()>, StoreError> {
+        let ticket = self.ticket();
+        let mut pipe = self.pipeline();
+        let key = self.key(&record.id);
+        let mut cmd = evalsha(&self.scripts.touch, &[&key]);
+        cmd.arg(now.0).arg(self.track_arg());
+        pipe.add_command(cmd);
+        // A touch is not worth a `WAIT`: losing it moves the expiry back by
+        // at most the refresh threshold.
+        let written = self.write(&record.id, pipe, false).await?.value;
+        let m = match &written {
+            Value::Nil | Value::Boolean(false) => {
+                self.forget(&record.id);
+                return Ok(Ok(None));
+            }
+            v => text(v)
+                .and_then(|t| std::str::from_utf8(t).ok())
+                .and_then(Meta::parse)
+                .ok_or_else(|| corrupt(format!("unexpected touch answer {written:?}")))?,
+        };
+        if m.version != record.version {
+            self.forget(&record.id);
+            return Ok(Err(()));
+        }
+        record.last_access = Timestamp(m.last);
+        self.remember(ticket, &record);
+        Ok(Ok(Some(record)))
+    }
+
+    fn remember(&self, ticket: Option<Ticket>, record: &Record) {
+        if let (Some(cache), Some(ticket)) = (&self.cache, ticket) {
+            cache.put(ticket, record.clone());
+        }
+    }
+
+    fn forget(&self, id: &SessionId) {
+        if let Some(cache) = &self.cache {
+            cache.forget(id);
+        }
+    }
+
+    /// After this node's own write of `delta` to `id` answered `version`:
+    /// the cached copy becomes the new value if it was the one written over
+    /// (nobody else wrote in between), else it is dropped.
+    fn follow(
+        &self,
+        ticket: Option<Ticket>,
+        id: &SessionId,
+        new_id: &SessionId,
+        delta: &Delta,
+        now: Timestamp,
+        version: Option<u64>,
+    ) {
+        let (Some(cache), Some(ticket)) = (&self.cache, ticket) else {
+            return;
+        };
+        let base = cache.peek(id);
+        cache.forget(id);
+        if let (Some(base), Some(v)) = (base, version) {
+            if base.version + 1 == v {
+                let mut record = (*base).clone();
+                record.apply(delta, now);
+                record.id = *new_id;
+                cache.put(ticket, record);
+            }
+        }
+    }
+
+    /// Scripts report the size; the limit is ours.
+    fn with_limit(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::TooLarge { size, .. } => StoreError::TooLarge {
+                size,
+                limit: self.max_size,
+            },
+            other => other,
+        }
+    }
+
+    async fn create_record(&self, record: &Record) -> Result<(), StoreError> {
+        let size = record.size();
+        if size > self.max_size {
+            return Err(StoreError::TooLarge {
+                size,
+                limit: self.max_size,
+            });
+        }
+        let now = record.last_access;
+        let ttl = record.expires_at().0.saturating_sub(now.0).max(1);
+        let key = self.key(&record.id);
+        let mut cmd = evalsha(&self.scripts.create, &[&key]);
+        cmd.arg(now.0)
+            .arg(ttl)
+            .arg(self.track_arg())
+            .arg(Meta::of(record).pack());
+        let mut field = String::new();
+        for (k, v) in &record.attributes {
+            field.clear();
+            field.push_str("attr:");
+            field.push_str(k);
+            cmd.arg(field.as_str()).arg(v.get());
+        }
+        let ticket = self.ticket();
+        let mut pipe = self.pipeline();
+        pipe.add_command(cmd);
+        let written = self.write(&record.id, pipe, true).await?;
+        match written.value {
+            Value::Int(1) => {}
+            Value::Int(0) => return Err(StoreError::Collision),
+            other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
+        }
+        self.remember(ticket, record);
+        self.replicated(&written)
     }
 }
 
-/// The cluster slot of a hash tag (CRC16/XMODEM mod 16384).
-fn slot(tag: &str) -> u16 {
-    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
-}
-
 /// Watches Sentinel's `+switch-master` announcements and drops the
-/// connection at once, instead of waiting for a failed request to notice.
+/// connection (and the near cache) at once, instead of waiting for a failed
+/// request to notice.
 fn sentinel_watch(url: &str, conn: &Arc<Connector>) -> Option<tokio::task::JoinHandle<()>> {
     let rest = url.strip_prefix("redis+sentinel://")?;
     let (_, _, rest) = split_auth(rest);
@@ -419,83 +749,26 @@ fn classify(e: RedisError) -> StoreError {
     }
 }
 
-fn corrupt(msg: impl Into<String>) -> StoreError {
-    let e: BoxError = msg.into().into();
-    StoreError::Corrupt(e)
-}
-
-fn text(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
-fn num(fields: &std::collections::HashMap<&str, &str>, name: &str) -> Result<u64, StoreError> {
-    fields
-        .get(name)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| corrupt(format!("session hash field {name} missing or not a number")))
-}
-
-/// Rebuilds a record from `HGETALL` output.
-fn parse_record(id: SessionId, items: Vec<Value>) -> Result<Record, StoreError> {
-    let mut meta = std::collections::HashMap::new();
-    let mut attributes = std::collections::BTreeMap::new();
-    let mut it = items.iter();
-    while let (Some(k), Some(v)) = (it.next(), it.next()) {
-        let k = std::str::from_utf8(text(k).ok_or_else(|| corrupt("non-string field"))?)
-            .map_err(|_| corrupt("non-UTF-8 field name"))?;
-        let v = std::str::from_utf8(text(v).ok_or_else(|| corrupt("non-string value"))?)
-            .map_err(|_| corrupt("non-UTF-8 value"))?;
-        if let Some(name) = k.strip_prefix("attr:") {
-            let raw = RawValue::from_string(v.to_string())
-                .map_err(|e| StoreError::Corrupt(Box::new(e)))?;
-            attributes.insert(name.to_string(), raw);
-        } else {
-            meta.insert(k, v);
-        }
-    }
-    let deadline = num(&meta, "meta:deadline")?;
-    Ok(Record {
-        id,
-        attributes,
-        created: Timestamp(num(&meta, "meta:created")?),
-        last_access: Timestamp(num(&meta, "meta:last")?),
-        idle_ms: num(&meta, "meta:idle")?,
-        deadline: if deadline == 0 {
-            Timestamp::MAX
-        } else {
-            Timestamp(deadline)
-        },
-        version: num(&meta, "meta:version")?,
-    })
-}
-
-/// Reads a script's answer: a version, nothing, or a refusal.
+/// Reads a write script's answer: a version, nothing, or a refusal.
 fn applied(v: Value) -> Result<Option<u64>, StoreError> {
     match v {
-        Value::Nil => Ok(None),
+        Value::Nil | Value::Boolean(false) => Ok(None),
         Value::Int(n) => Ok(Some(
             u64::try_from(n).map_err(|_| corrupt("negative version"))?,
         )),
-        Value::Array(items) => {
-            let tag = items.first().and_then(text);
-            match tag {
-                Some(b"too_large") => {
-                    let size = items
-                        .get(1)
-                        .and_then(text)
-                        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
-                        .unwrap_or(0);
-                    Err(StoreError::TooLarge { size, limit: 0 })
-                }
-                Some(b"collision") => Err(StoreError::Collision),
-                Some(b"conflict") => Err(StoreError::Conflict),
-                _ => Err(corrupt("unexpected script answer")),
+        Value::Array(items) => match items.first().and_then(text) {
+            Some(b"too_large") => {
+                let size = items
+                    .get(1)
+                    .and_then(text)
+                    .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+                    .unwrap_or(0);
+                Err(StoreError::TooLarge { size, limit: 0 })
             }
-        }
+            Some(b"collision") => Err(StoreError::Collision),
+            Some(b"conflict") => Err(StoreError::Conflict),
+            _ => Err(corrupt("unexpected script answer")),
+        },
         other => Err(corrupt(format!("unexpected script answer {other:?}"))),
     }
 }
@@ -503,63 +776,47 @@ fn applied(v: Value) -> Result<Option<u64>, StoreError> {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn create(&self, record: &Record) -> Result<(), StoreError> {
-        let size = record.size();
-        if size > self.max_size {
-            return Err(StoreError::TooLarge {
-                size,
-                limit: self.max_size,
-            });
-        }
-        let now = record.last_access;
-        let ttl = record.expires_at().0.saturating_sub(now.0).max(1);
-        let deadline = if record.deadline == Timestamp::MAX {
-            0
-        } else {
-            record.deadline.0
-        };
-        let mut inv = self.create.key(self.key(&record.id));
-        inv.arg(now.0).arg(ttl);
-        inv.arg("meta:created").arg(record.created.0);
-        inv.arg("meta:last").arg(record.last_access.0);
-        inv.arg("meta:idle").arg(record.idle_ms);
-        inv.arg("meta:deadline").arg(deadline);
-        inv.arg("meta:version").arg(record.version);
-        inv.arg("meta:size").arg(size);
-        for (k, v) in &record.attributes {
-            inv.arg(format!("attr:{k}")).arg(v.get());
-        }
-        let mut live = self.live_for_login().await?;
-        let created: i64 = match inv.invoke_async(&mut live).await {
-            Ok(n) => n,
-            Err(e) => return Err(self.fail(e).await),
-        };
-        if created == 0 {
-            return Err(StoreError::Collision);
-        }
-        self.wait_for_replicas(live, &record.id).await
+        self.create_record(record).await
     }
 
     async fn load(&self, id: &SessionId, load: Load) -> Result<Option<Record>, StoreError> {
-        let refresh = load
-            .refresh_after
-            .map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let fraction = load.refresh_fraction.unwrap_or(-1.0);
-        // A load is safe to repeat, so one reconnect-and-retry hides a
-        // connection that died while idle (Redis restarted, failover).
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut live = self.live().await?;
-            let mut inv = self.load.key(self.key(id));
-            inv.arg(load.now.0).arg(refresh).arg(fraction);
-            match inv.invoke_async::<Value>(&mut live).await {
-                Ok(Value::Nil) => return Ok(None),
-                Ok(Value::Array(items)) => return parse_record(*id, items).map(Some),
-                Ok(other) => return Err(corrupt(format!("unexpected load answer {other:?}"))),
-                Err(e) if tries == 1 && conn::must_reconnect(&e) => self.conn.on_error(&e).await,
-                Err(e) => return Err(self.fail(e).await),
+        if let Some(cache) = &self.cache {
+            if let Some(cached) = cache.get(id) {
+                // Only a live copy is trusted: an expired-looking one may
+                // have been extended by a touch whose push is in flight.
+                if !cached.is_expired(load.now) {
+                    if !load.should_refresh(&cached) {
+                        return Ok(Some((*cached).clone()));
+                    }
+                    if let Ok(answer) = self.touch((*cached).clone(), load.now).await? {
+                        return Ok(answer);
+                    }
+                }
+                cache.forget(id);
             }
         }
+        // Another writer may slip in between the read and the touch; a few
+        // tries settle it (each is one round trip).
+        for _ in 0..3 {
+            let ticket = self.ticket();
+            let Some(record) = self.read(id).await? else {
+                return Ok(None);
+            };
+            if record.is_expired(load.now) {
+                // Redis drops the key at its TTL; nothing to write.
+                return Ok(None);
+            }
+            if !load.should_refresh(&record) {
+                self.remember(ticket, &record);
+                return Ok(Some(record));
+            }
+            if let Ok(answer) = self.touch(record, load.now).await? {
+                return Ok(answer);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the session kept changing while its access was recorded".into(),
+        ))
     }
 
     async fn apply(
@@ -568,30 +825,49 @@ impl SessionStore for RedisStore {
         delta: &Delta,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        let mut inv = self.apply.key(self.key(id));
-        self.delta_args(&mut inv, delta, now);
-        let mut live = self.live().await?;
-        match inv.invoke_async::<Value>(&mut live).await {
-            Ok(v) => applied(v).map_err(|e| self.with_limit(e)),
-            Err(e) => Err(self.fail(e).await),
-        }
+        let key = self.key(id);
+        let mut cmd = evalsha(&self.scripts.apply, &[&key]);
+        self.delta_args(&mut cmd, delta, now);
+        let ticket = self.ticket();
+        let mut pipe = self.pipeline();
+        pipe.add_command(cmd);
+        let written = match self.write(id, pipe, true).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.forget(id);
+                return Err(e);
+            }
+        };
+        let version = match applied(written.value.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                // A refused condition may mean the cached copy is behind:
+                // the retry reads Redis.
+                self.forget(id);
+                return Err(self.with_limit(e));
+            }
+        };
+        self.follow(ticket, id, id, delta, now, version);
+        self.replicated(&written)?;
+        Ok(version)
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut live = self.live().await?;
-            match redis::cmd("DEL")
-                .arg(self.key(id))
-                .query_async::<i64>(&mut live)
-                .await
-            {
-                Ok(n) => return Ok(n > 0),
-                Err(e) if tries == 1 && conn::must_reconnect(&e) => self.conn.on_error(&e).await,
-                Err(e) => return Err(self.fail(e).await),
-            }
-        }
+        // The prelude is useless before a `DEL` but cheap, and keeps one
+        // shape for every pipeline `send` reads.
+        let mut pipe = self.pipeline();
+        pipe.cmd("DEL").arg(self.key(id));
+        let written = self.write(id, pipe, true).await;
+        self.forget(id);
+        let written = written?;
+        let Value::Int(n) = written.value else {
+            return Err(corrupt(format!(
+                "unexpected DEL answer {:?}",
+                written.value
+            )));
+        };
+        self.replicated(&written)?;
+        Ok(n > 0)
     }
 
     async fn rotate(
@@ -602,8 +878,9 @@ impl SessionStore for RedisStore {
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
         if self.conn.is_cluster() {
-            // Different slots: read, create under the new ID, delete the old.
-            let Some(mut record) = self.load(old, Load::at(now)).await? else {
+            // Different slots: read (from Redis, not the cache: this copy is
+            // written back whole), create under the new ID, delete the old.
+            let Some(mut record) = self.read(old).await?.filter(|r| !r.is_expired(now)) else {
                 return Ok(None);
             };
             if !record.meets(delta) {
@@ -618,39 +895,39 @@ impl SessionStore for RedisStore {
             }
             record.apply(delta, now);
             record.id = *new;
-            self.create(&record).await?;
+            self.create_record(&record).await?;
             self.delete(old).await?;
             return Ok(Some(record.version));
         }
-        let mut inv = self.rotate.key(self.key(old));
-        inv.key(self.key(new));
-        self.delta_args(&mut inv, delta, now);
-        let mut live = self.live_for_login().await?;
-        let version = match inv.invoke_async::<Value>(&mut live).await {
-            Ok(v) => applied(v).map_err(|e| self.with_limit(e))?,
-            Err(e) => return Err(self.fail(e).await),
+        let (old_key, new_key) = (self.key(old), self.key(new));
+        let mut cmd = evalsha(&self.scripts.rotate, &[&old_key, &new_key]);
+        self.delta_args(&mut cmd, delta, now);
+        let ticket = self.ticket();
+        let mut pipe = self.pipeline();
+        pipe.add_command(cmd);
+        // The new ID's session lives on the old one's connection until the
+        // answer is in: `WAIT` must follow on the connection that wrote.
+        let written = match self.write(old, pipe, true).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.forget(old);
+                return Err(e);
+            }
         };
-        if version.is_some() {
-            self.wait_for_replicas(live, new).await?;
-        }
+        let version = match applied(written.value.clone()) {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget(old);
+                return Err(self.with_limit(e));
+            }
+        };
+        self.follow(ticket, old, new, delta, now, version);
+        self.replicated(&written)?;
         Ok(version)
     }
 
     fn max_size(&self) -> usize {
         self.max_size
-    }
-}
-
-impl RedisStore {
-    /// Scripts report the size; the limit is ours.
-    fn with_limit(&self, e: StoreError) -> StoreError {
-        match e {
-            StoreError::TooLarge { size, .. } => StoreError::TooLarge {
-                size,
-                limit: self.max_size,
-            },
-            other => other,
-        }
     }
 }
 
@@ -684,9 +961,19 @@ mod tests {
     }
 
     #[test]
-    fn slots_match_redis() {
-        // From the Redis Cluster specification's examples.
-        assert_eq!(slot("123456789"), 0x31C3);
-        assert_eq!(slot("user1000"), 3443);
+    fn script_answers_are_read() {
+        assert_eq!(applied(Value::Int(3)).unwrap(), Some(3));
+        assert_eq!(applied(Value::Nil).unwrap(), None);
+        assert!(matches!(
+            applied(Value::Array(vec![Value::BulkString(b"conflict".to_vec())])),
+            Err(StoreError::Conflict)
+        ));
+        assert!(matches!(
+            applied(Value::Array(vec![
+                Value::BulkString(b"too_large".to_vec()),
+                Value::BulkString(b"99".to_vec())
+            ])),
+            Err(StoreError::TooLarge { size: 99, .. })
+        ));
     }
 }

@@ -1,25 +1,36 @@
-//! The Lua scripts that make each store operation one atomic round trip.
+//! The Lua scripts of the writes (a read needs none: `HGETALL`, expiry
+//! checked by the client). Each does the least work inside Redis: one `HGET`
+//! of the packed metadata, `HSTRLEN` of the changed attributes only, one
+//! `HSET`, `PEXPIRE`. Every script refuses to resurrect a session that is
+//! gone or expired at the caller's clock, and checks the size limit before
+//! writing anything.
 //!
-//! Layout of a session: one hash at `PREFIX{ID}` (the ID is a hash tag, so on
-//! Redis Cluster everything of a session sits in one slot). Fields:
-//! `attr:NAME` holds an attribute as JSON; `meta:created`, `meta:last`,
-//! `meta:idle`, `meta:deadline` (0 = none) are milliseconds, `meta:version`
-//! counts deltas, `meta:size` is the attribute bytes (names plus JSON), kept
-//! so a delta's size check costs O(changed attributes). The key's TTL follows
-//! the sliding expiry, but every script also checks expiry against the
-//! caller's clock, so Redis eviction and tether's rules can never disagree
-//! in the user's favour.
+//! The last `ARGV` of each is `track`: `1` when the near cache follows the
+//! session. The script then reads the metadata once more at the end: in
+//! `CLIENT TRACKING OPTIN` mode (after `CLIENT CACHING yes`) a read inside
+//! the script registers the key for the caller again, which the script's own
+//! write had cleared (with `NOLOOP` the caller hears of other clients'
+//! writes only).
 
-/// Shared Lua: expiry of a session from its meta fields.
-const EXPIRY: &str = r"
+/// Shared Lua: the metadata (see `layout.rs`), and expiry.
+const META: &str = r"
+local function tether_meta(m)
+  local v, last, idle, deadline, created, size =
+    string.match(m, '^(%d+),(%d+),(%d+),(%d+),(%d+),(%d+)$')
+  if not v then return nil end
+  return tonumber(v), tonumber(last), tonumber(idle), tonumber(deadline), tonumber(created), tonumber(size)
+end
+local function tether_pack(v, last, idle, deadline, created, size)
+  return string.format('%d,%d,%d,%d,%d,%d', v, last, idle, deadline, created, size)
+end
 local function tether_expires(last, idle, deadline)
   local e = last + idle
   if deadline > 0 and deadline < e then e = deadline end
   return e
 end
 -- Lua's unpack has a limit of a few thousand values: write in chunks.
-local function tether_chunked(cmd, key, list, from)
-  local i = from or 1
+local function tether_chunked(cmd, key, list)
+  local i = 1
   while i <= #list do
     local last = math.min(i + 199, #list)
     redis.call(cmd, key, unpack(list, i, last))
@@ -28,31 +39,43 @@ local function tether_chunked(cmd, key, list, from)
 end
 ";
 
-/// Shared Lua: apply a delta. ARGV from index `i`: now, limit, clear,
-/// idle (-1 = unchanged), nsets, name/json pairs, nremoves, names, nexpect,
-/// name/present('1' or '0')/json triples (the delta's conditions).
-/// Returns the new version, false if there is no live session,
-/// {'conflict'} if a condition does not hold, or {'too_large', size}, the
+/// Shared Lua: apply a delta. ARGV from 1: now, limit, clear, idle (-1 =
+/// unchanged), nsets, name/json pairs, nremoves, names, nexpect,
+/// name/present ('1'/'0')/json triples (conditions), track.
+/// Returns the new version; false if there is no live session;
+/// {'conflict'} if a condition does not hold; {'too_large', size}; the
 /// last two without writing anything.
 const APPLY_FN: &str = r"
-local function tether_apply(key, a, i)
-  local now = tonumber(a[i])
-  local limit = tonumber(a[i + 1])
-  local clear = a[i + 2] == '1'
-  local new_idle = tonumber(a[i + 3])
-  local m = redis.call('HMGET', key, 'meta:last', 'meta:idle', 'meta:deadline', 'meta:size')
-  if not m[1] then return false end
-  local last, idle, deadline, size = tonumber(m[1]), tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
-  if now >= tether_expires(last, idle, deadline) then
-    redis.call('DEL', key)
-    return false
+local function tether_apply(key, a)
+  local m = redis.call('HGET', key, 'm')
+  if not m then return false end
+  local v, last, idle, deadline, created, size = tether_meta(m)
+  if not v then return redis.error_reply('tether: malformed session metadata') end
+  local now = tonumber(a[1])
+  if now >= tether_expires(last, idle, deadline) then return false end
+  local limit = tonumber(a[2])
+  local clear = a[3] == '1'
+  local new_idle = tonumber(a[4])
+  local nsets = tonumber(a[5])
+  local sets_at = 6
+  local nrem = tonumber(a[sets_at + 2 * nsets])
+  local rem_at = sets_at + 2 * nsets + 1
+  local nexp = tonumber(a[rem_at + nrem])
+  local exp_at = rem_at + nrem + 1
+  local track = a[exp_at + 3 * nexp] == '1'
+  for i = 0, nexp - 1 do
+    local j = exp_at + 3 * i
+    local have = redis.call('HGET', key, 'attr:' .. a[j])
+    if a[j + 1] == '1' then
+      if have ~= a[j + 2] then return {'conflict'} end
+    elseif have then
+      return {'conflict'}
+    end
   end
   if clear then size = 0 end
-  local nsets = tonumber(a[i + 4])
-  local j = i + 5
-  local sets = {}
-  for _ = 1, nsets do
-    local name, val = a[j], a[j + 1]
+  local sets = {'m', ''}
+  for i = 0, nsets - 1 do
+    local name, val = a[sets_at + 2 * i], a[sets_at + 2 * i + 1]
     if not clear then
       local old = redis.call('HSTRLEN', key, 'attr:' .. name)
       if old > 0 then size = size - old - #name end
@@ -60,13 +83,10 @@ local function tether_apply(key, a, i)
     size = size + #name + #val
     sets[#sets + 1] = 'attr:' .. name
     sets[#sets + 1] = val
-    j = j + 2
   end
-  local nrem = tonumber(a[j])
-  j = j + 1
   local rems = {}
-  for _ = 1, nrem do
-    local name = a[j]
+  for i = 0, nrem - 1 do
+    local name = a[rem_at + i]
     if not clear then
       local old = redis.call('HSTRLEN', key, 'attr:' .. name)
       if old > 0 then
@@ -74,104 +94,49 @@ local function tether_apply(key, a, i)
         rems[#rems + 1] = 'attr:' .. name
       end
     end
-    j = j + 1
-  end
-  local nexp = tonumber(a[j]) or 0
-  j = j + 1
-  for _ = 1, nexp do
-    local have = redis.call('HGET', key, 'attr:' .. a[j])
-    if a[j + 1] == '1' then
-      if have ~= a[j + 2] then return {'conflict'} end
-    elseif have then
-      return {'conflict'}
-    end
-    j = j + 3
   end
   if size > limit then return {'too_large', string.format('%d', size)} end
   if clear then
     for _, f in ipairs(redis.call('HKEYS', key)) do
-      if string.sub(f, 1, 5) == 'attr:' then redis.call('HDEL', key, f) end
+      if string.sub(f, 1, 5) == 'attr:' then rems[#rems + 1] = f end
     end
   end
   tether_chunked('HDEL', key, rems)
+  if new_idle >= 0 then idle = new_idle end
+  if now > last then last = now end
+  v = v + 1
+  sets[2] = tether_pack(v, last, idle, deadline, created, size)
   tether_chunked('HSET', key, sets)
-  if new_idle >= 0 then
-    idle = new_idle
-    redis.call('HSET', key, 'meta:idle', a[i + 3])
-  end
-  if now > last then
-    last = now
-    redis.call('HSET', key, 'meta:last', a[i])
-  end
-  redis.call('HSET', key, 'meta:size', string.format('%d', size))
-  local v = redis.call('HINCRBY', key, 'meta:version', 1)
   local ttl = tether_expires(last, idle, deadline) - now
   if ttl < 1 then ttl = 1 end
   redis.call('PEXPIRE', key, string.format('%d', ttl))
+  if track then redis.call('HGET', key, 'm') end
   return v
 end
 ";
 
-/// KEYS[1] session; ARGV: now, refresh_after ms (-1: none), refresh fraction
-/// of the session's own idle timeout (-1: none).
-/// Returns the hash as a flat array, or false.
-pub(crate) fn load() -> String {
-    format!(
-        "{EXPIRY}{}",
-        r"
-local key = KEYS[1]
-local now = tonumber(ARGV[1])
-local refresh_after = tonumber(ARGV[2])
-local fraction = tonumber(ARGV[3])
-local h = redis.call('HGETALL', key)
-if #h == 0 then return false end
-local last, idle, deadline
-for i = 1, #h, 2 do
-  local f = h[i]
-  if f == 'meta:last' then last = tonumber(h[i + 1])
-  elseif f == 'meta:idle' then idle = tonumber(h[i + 1])
-  elseif f == 'meta:deadline' then deadline = tonumber(h[i + 1]) end
-end
-if not (last and idle and deadline) then return redis.error_reply('tether: session hash without meta fields') end
-local expires = tether_expires(last, idle, deadline)
-if now >= expires then
-  redis.call('DEL', key)
-  return false
-end
-local threshold = refresh_after
-if fraction >= 0 then
-  local t = idle * fraction
-  if threshold < 0 or t < threshold then threshold = t end
-end
-if threshold >= 0 and now - last >= threshold then
-  redis.call('HSET', key, 'meta:last', ARGV[1])
-  local ttl = tether_expires(now, idle, deadline) - now
-  if ttl < 1 then ttl = 1 end
-  redis.call('PEXPIRE', key, string.format('%d', ttl))
-  for i = 1, #h, 2 do
-    if h[i] == 'meta:last' then h[i + 1] = ARGV[1] end
-  end
-end
-return h
-"
-    )
-}
-
-/// KEYS[1] session; ARGV: now, ttl, then field/value pairs.
-/// Returns 1 if created, 0 if a live session holds the ID.
+/// KEYS[1] session; ARGV: now, ttl, track, the metadata, then attribute
+/// field/value pairs. Returns 1 if created, 0 if a live session holds the ID.
 pub(crate) fn create() -> String {
     format!(
-        "{EXPIRY}{}",
+        "{META}{}",
         r"
 local key = KEYS[1]
 local now = tonumber(ARGV[1])
-local m = redis.call('HMGET', key, 'meta:last', 'meta:idle', 'meta:deadline')
-if m[1] then
-  if now < tether_expires(tonumber(m[1]), tonumber(m[2]), tonumber(m[3])) then return 0 end
+local m = redis.call('HGET', key, 'm')
+if m then
+  local _, last, idle, deadline = tether_meta(m)
+  if last and now < tether_expires(last, idle, deadline) then return 0 end
   redis.call('DEL', key)
 end
-tether_chunked('HSET', key, ARGV, 3)
+local sets = {'m', ARGV[4]}
+for i = 5, #ARGV, 2 do
+  sets[#sets + 1] = ARGV[i]
+  sets[#sets + 1] = ARGV[i + 1]
+end
+tether_chunked('HSET', key, sets)
 redis.call('PEXPIRE', key, ARGV[2])
+if ARGV[3] == '1' then redis.call('HGET', key, 'm') end
 return 1
 "
     )
@@ -179,24 +144,54 @@ return 1
 
 /// KEYS[1] session; ARGV as `tether_apply`.
 pub(crate) fn apply() -> String {
-    format!("{EXPIRY}{APPLY_FN}return tether_apply(KEYS[1], ARGV, 1)\n")
+    format!("{META}{APPLY_FN}return tether_apply(KEYS[1], ARGV)\n")
+}
+
+/// KEYS[1] session; ARGV: now, track. Records an access (the lazy expiry
+/// refresh): returns the new metadata, or false if the session is gone.
+pub(crate) fn touch() -> String {
+    format!(
+        "{META}{}",
+        r"
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local m = redis.call('HGET', key, 'm')
+if not m then return false end
+local v, last, idle, deadline, created, size = tether_meta(m)
+if not v or now >= tether_expires(last, idle, deadline) then return false end
+if now > last then
+  last = now
+  m = tether_pack(v, last, idle, deadline, created, size)
+  redis.call('HSET', key, 'm', m)
+  local ttl = tether_expires(last, idle, deadline) - now
+  if ttl < 1 then ttl = 1 end
+  redis.call('PEXPIRE', key, string.format('%d', ttl))
+end
+if ARGV[2] == '1' then redis.call('HGET', key, 'm') end
+return m
+"
+    )
 }
 
 /// KEYS[1] old, KEYS[2] new (one node: standalone or Sentinel); ARGV as
-/// `tether_apply`. Returns the version, false, {'too_large', n} or
-/// {'collision'}; nothing changes unless it returns a version.
+/// `tether_apply`. Returns the version, false, {'too_large', n},
+/// {'conflict'} or {'collision'}; nothing changes unless it returns a version.
 pub(crate) fn rotate() -> String {
     format!(
-        "{EXPIRY}{APPLY_FN}{}",
+        "{META}{APPLY_FN}{}",
         r"
 local now = tonumber(ARGV[1])
-local m = redis.call('HMGET', KEYS[2], 'meta:last', 'meta:idle', 'meta:deadline')
-if m[1] then
-  if now < tether_expires(tonumber(m[1]), tonumber(m[2]), tonumber(m[3])) then return {'collision'} end
+local m = redis.call('HGET', KEYS[2], 'm')
+if m then
+  local _, last, idle, deadline = tether_meta(m)
+  if last and now < tether_expires(last, idle, deadline) then return {'collision'} end
   redis.call('DEL', KEYS[2])
 end
-local r = tether_apply(KEYS[1], ARGV, 1)
-if type(r) == 'number' then redis.call('RENAME', KEYS[1], KEYS[2]) end
+local r = tether_apply(KEYS[1], ARGV)
+if type(r) == 'number' then
+  redis.call('RENAME', KEYS[1], KEYS[2])
+  if ARGV[#ARGV] == '1' then redis.call('HGET', KEYS[2], 'm') end
+end
 return r
 "
     )

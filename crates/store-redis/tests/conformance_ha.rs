@@ -69,3 +69,31 @@ mod cluster {
         (RedisStore::open(&url).unwrap(), ())
     });
 }
+
+/// The same with the near cache (RESP3 client tracking through Sentinel's
+/// master, and on every node of the cluster).
+mod sentinel_near_cache {
+    use super::*;
+    tether_core::store_conformance!(async {
+        let url = tokio::task::spawn_blocking(sentinel_url).await.unwrap();
+        (
+            RedisStore::open(&url)
+                .unwrap()
+                .with_near_cache(1000, 1 << 20),
+            (),
+        )
+    });
+}
+
+mod cluster_near_cache {
+    use super::*;
+    tether_core::store_conformance!(async {
+        let url = tokio::task::spawn_blocking(cluster_url).await.unwrap();
+        (
+            RedisStore::open(&url)
+                .unwrap()
+                .with_near_cache(1000, 1 << 20),
+            (),
+        )
+    });
+}

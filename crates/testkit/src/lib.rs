@@ -34,7 +34,7 @@ pub use tls::{tls_connect, TestCa};
 pub use workload::{Progress, Running, Shoppers, Tally};
 
 /// Signal numbers for [`Process::signal`].
-pub use libc::{SIGHUP, SIGINT, SIGKILL, SIGTERM};
+pub use libc::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGSTOP, SIGTERM};
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -198,12 +198,7 @@ impl Process {
 
     /// Sends signal `sig` (a `libc::SIG*` number), e.g. SIGHUP to reload.
     pub fn signal(&self, sig: i32) {
-        if let Some(pid) = self.child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-            // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
-            unsafe {
-                libc::kill(pid, sig);
-            }
-        }
+        signal_child(&self.child, sig);
     }
 
     /// Sends SIGTERM and waits up to `within` for it to exit; kills it after that.
@@ -264,5 +259,15 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Sends `sig` to `child` unless it has been reaped.
+pub(crate) fn signal_child(child: &tokio::process::Child, sig: i32) {
+    if let Some(pid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: plain kill(2) on our own child's pid, which is not reaped yet.
+        unsafe {
+            libc::kill(pid, sig);
+        }
     }
 }

@@ -111,6 +111,14 @@ impl RedisServer {
         self.child.is_some()
     }
 
+    /// Sends `signal` (e.g. [`crate::SIGSTOP`] to make a replica lag,
+    /// [`crate::SIGCONT`] to let it go on); nothing if it is not running.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            crate::process::signal_child(child, signal);
+        }
+    }
+
     /// Kills it with SIGKILL and reaps it.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
