@@ -20,15 +20,21 @@ use serde_json::json;
 use tether_testkit::{lb_args, node_args, Client, Process, RedisServer};
 
 /// The strategies, in the brief's order.
-pub const STRATEGIES: [&str; 7] = [
+pub const STRATEGIES: [&str; 8] = [
     "local",
     "sticky-ip",
     "sticky-cookie",
     "replicated-all",
     "replicated-backup",
     "redis",
+    "sticky-redis",
     "jwt",
 ];
+
+/// Whether `strategy` keeps sessions in Redis.
+pub fn uses_redis(strategy: &str) -> bool {
+    matches!(strategy, "redis" | "sticky-redis")
+}
 
 /// Settings of a run.
 #[derive(Debug, Clone)]
@@ -139,6 +145,12 @@ pub(crate) fn strategy_node_args(
 ) -> Result<(Vec<String>, usize), String> {
     let (store, extra): (&str, Vec<String>) = match strategy {
         "redis" => (redis.ok_or("no redis")?, vec![]),
+        // Sticky routing keeps each user on the node that has the session
+        // cached; Redis keeps every session through any node's failure.
+        "sticky-redis" => (
+            redis.ok_or("no redis")?,
+            vec!["--redis-near-cache".into()],
+        ),
         "jwt" => {
             let keys = dir.join("keys.toml");
             if !keys.exists() {
@@ -248,7 +260,7 @@ async fn start_fleet(bin: &Path, strategy: &str, redis: Option<&str>) -> Result<
 pub fn policy_of(strategy: &str) -> &'static str {
     match strategy {
         "sticky-ip" => "ip-hash",
-        "sticky-cookie" => "cookie",
+        "sticky-cookie" | "sticky-redis" => "cookie",
         "replicated-backup" => "owner",
         _ => "round-robin",
     }
@@ -282,7 +294,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         policy: policy_of(strategy).into(),
         ..Row::default()
     };
-    if strategy == "redis" && redis.is_none() {
+    if uses_redis(strategy) && redis.is_none() {
         row.skipped = Some(
             "redis-server not found on PATH: install it (apt-get install -y redis-server) or pass --redis-url".into(),
         );
@@ -310,7 +322,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     }
 
     // The workload, with node B killed half-way.
-    if let (true, Some(url)) = (strategy == "redis", redis) {
+    if let (true, Some(url)) = (uses_redis(strategy), redis) {
         let _ = redis_command(url, &["CONFIG", "RESETSTAT"]).await;
     }
     let total = config.users * config.requests;
@@ -547,19 +559,21 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         row.replication_bytes_per_write = Some(bytes / writes);
     }
     row.store_round_trips_per_request = match (strategy, redis) {
-        ("redis", Some(url)) => redis_command(url, &["INFO", "commandstats"])
+        (s, Some(url)) if uses_redis(s) => redis_command(url, &["INFO", "commandstats"])
             .await
             .map(|info| {
                 // Commands clients send; the commands our scripts run inside
-                // Redis are not round trips.
+                // Redis are not round trips, nor are `CLIENT CACHING` and
+                // `WAIT`, which travel in the pipeline of the command they
+                // serve.
                 let sent: f64 = info
                     .lines()
                     .filter(|l| {
                         [
+                            "cmdstat_hgetall:",
                             "cmdstat_evalsha:",
                             "cmdstat_eval:",
                             "cmdstat_del:",
-                            "cmdstat_wait:",
                             "cmdstat_script",
                         ]
                         .iter()
@@ -577,7 +591,7 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
                 // Logins, the workload, and the last check after the kill.
                 sent / (row.requests + 2 * row.users) as f64
             }),
-        ("redis", None) => None,
+        (s, None) if uses_redis(s) => None,
         // Hops to the owner on another node (the killed node's count is lost).
         (s, _) if s.starts_with("replicated") => {
             Some(forwarded / (row.requests + 2 * row.users) as f64)
@@ -586,6 +600,9 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
     };
     row.note = match strategy {
         "redis" => "sessions in one shared Redis: nodes hold none".into(),
+        "sticky-redis" => {
+            "sessions in Redis, each node caching its own users' (invalidated by Redis)".into()
+        }
         "jwt" => "sessions in the clients' tokens: nodes hold none".into(),
         "local" | "sticky-ip" | "sticky-cookie" => {
             "each node holds only its own users' sessions".into()
@@ -788,7 +805,7 @@ pub struct SweepRow {
 }
 
 /// The value of metric `name` in Prometheus text (0 when absent).
-pub(crate) fn metric(text: &str, name: &str) -> f64 {
+pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && !l.starts_with('#'))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

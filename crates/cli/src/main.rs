@@ -40,7 +40,8 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct UpArgs {
-    /// local, sticky-ip, sticky-cookie, replicated-all, replicated-backup, redis or jwt.
+    /// local, sticky-ip, sticky-cookie, replicated-all, replicated-backup, redis,
+    /// sticky-redis or jwt.
     #[arg(long, default_value = "replicated-backup")]
     strategy: String,
     /// Where the app (the load balancer) listens.

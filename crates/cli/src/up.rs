@@ -66,7 +66,7 @@ pub async fn run(
     let _private_redis;
     let redis = match (&config.redis_url, config.strategy.as_str()) {
         (Some(u), _) => Some(u.clone()),
-        (None, "redis") => {
+        (None, s) if crate::demo::uses_redis(s) => {
             let r = RedisServer::start().await.map_err(|e| e.to_string())?;
             let url = r.url();
             _private_redis = r;

@@ -45,13 +45,28 @@ async fn the_demo_measures_every_strategy_with_a_node_killed() {
             "the killed node's users must be lost: {r}"
         );
     }
-    for shared in ["replicated-all", "replicated-backup", "redis", "jwt"] {
+    for shared in [
+        "replicated-all",
+        "replicated-backup",
+        "redis",
+        "sticky-redis",
+        "jwt",
+    ] {
         let r = row(shared);
         assert!(r["skipped"].is_null(), "{r}");
         assert_eq!(r["still_logged_in_after_switch"], true, "{r}");
         assert_eq!(lost(&r), 0, "{shared} lost a logged-in user: {r}");
         assert_eq!(r["users"], 20);
     }
+    // The near cache answers the sticky users' reads: fewer Redis round
+    // trips per request than plain Redis behind round robin.
+    let trips = |name: &str| row(name)["store_round_trips_per_request"].as_f64().unwrap();
+    assert!(
+        trips("sticky-redis") < trips("redis"),
+        "sticky-redis {} vs redis {}",
+        trips("sticky-redis"),
+        trips("redis")
+    );
     for replicated in ["replicated-all", "replicated-backup"] {
         let r = row(replicated);
         assert!(

@@ -20,6 +20,12 @@ const EACH: usize = 50;
 /// Logs in through `base`, then races the clients; returns the items
 /// acknowledged, the final cart and how many requests were refused.
 async fn race(base: &str) -> (Vec<String>, Vec<String>, usize) {
+    race_through(&[base]).await
+}
+
+/// As [`race`], client `c` sending through `bases[c % bases.len()]`.
+async fn race_through(bases: &[&str]) -> (Vec<String>, Vec<String>, usize) {
+    let base = bases[0];
     let owner = Client::new();
     let r = owner
         .post_json(&format!("{base}/login"), &json!({"member": 7}))
@@ -27,10 +33,10 @@ async fn race(base: &str) -> (Vec<String>, Vec<String>, usize) {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let cookie = owner.cookie("SESSION").unwrap();
-    let base: Arc<str> = base.into();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let (base, cookie) = (base.clone(), cookie.clone());
+        let base: Arc<str> = bases[c % bases.len()].into();
+        let cookie = cookie.clone();
         tasks.push(tokio::spawn(async move {
             let tab = Client::new();
             tab.set_cookie("SESSION", &cookie);
@@ -99,6 +105,30 @@ async fn concurrent_carts_lose_nothing_in_redis() {
     let args = node_args("A", &redis.url());
     let node = Process::spawn(bin(), &args).await.unwrap();
     check("redis", race(&node.url("")).await);
+}
+
+/// Two nodes with near caches, the tabs split between them: each node's
+/// copy goes stale at every write of the other; the conditional write
+/// catches it and the retry reads Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_carts_through_two_near_caches_lose_nothing() {
+    let redis = RedisServer::start().await.unwrap();
+    let mut nodes = Vec::new();
+    for id in ["A", "B"] {
+        let mut args = node_args(id, &redis.url());
+        args.push("--redis-near-cache".into());
+        nodes.push(Process::spawn(bin(), &args).await.unwrap());
+    }
+    let (a, b) = (nodes[0].url(""), nodes[1].url(""));
+    check("redis, near cache", race_through(&[&a, &b]).await);
+    let (mut hits, mut invalidations) = (0.0, 0.0);
+    for n in &nodes {
+        let text = Client::new().get(&n.url("/metrics")).await.unwrap().text();
+        let metric = |name: &str| tether_cli::demo::metric(&text, name);
+        hits += metric("tether_redis_near_cache_hits_total");
+        invalidations += metric("tether_redis_near_cache_invalidations_total");
+    }
+    assert!(hits > 0.0 && invalidations > 0.0, "hits {hits}, invalidations {invalidations}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
