@@ -147,10 +147,7 @@ pub(crate) fn strategy_node_args(
         "redis" => (redis.ok_or("no redis")?, vec![]),
         // Sticky routing keeps each user on the node that has the session
         // cached; Redis keeps every session through any node's failure.
-        "sticky-redis" => (
-            redis.ok_or("no redis")?,
-            vec!["--redis-near-cache".into()],
-        ),
+        "sticky-redis" => (redis.ok_or("no redis")?, vec!["--redis-near-cache".into()]),
         "jwt" => {
             let keys = dir.join("keys.toml");
             if !keys.exists() {
@@ -558,46 +555,47 @@ async fn run_strategy(bin: &Path, strategy: &str, config: &DemoConfig, redis: Op
         row.replication_messages_per_write = Some(messages / writes);
         row.replication_bytes_per_write = Some(bytes / writes);
     }
-    row.store_round_trips_per_request = match (strategy, redis) {
-        (s, Some(url)) if uses_redis(s) => redis_command(url, &["INFO", "commandstats"])
-            .await
-            .map(|info| {
-                // Commands clients send; the commands our scripts run inside
-                // Redis are not round trips, nor are `CLIENT CACHING` and
-                // `WAIT`, which travel in the pipeline of the command they
-                // serve.
-                let sent: f64 = info
-                    .lines()
-                    .filter(|l| {
-                        [
-                            "cmdstat_hgetall:",
-                            "cmdstat_evalsha:",
-                            "cmdstat_eval:",
-                            "cmdstat_del:",
-                            "cmdstat_script",
-                        ]
-                        .iter()
-                        .any(|p| l.starts_with(p))
-                    })
-                    .filter_map(|l| {
-                        l.split("calls=")
-                            .nth(1)?
-                            .split(',')
-                            .next()?
-                            .parse::<f64>()
-                            .ok()
-                    })
-                    .sum();
-                // Logins, the workload, and the last check after the kill.
-                sent / (row.requests + 2 * row.users) as f64
-            }),
-        (s, None) if uses_redis(s) => None,
-        // Hops to the owner on another node (the killed node's count is lost).
-        (s, _) if s.starts_with("replicated") => {
-            Some(forwarded / (row.requests + 2 * row.users) as f64)
-        }
-        _ => Some(0.0),
-    };
+    row.store_round_trips_per_request =
+        match (strategy, redis) {
+            (s, Some(url)) if uses_redis(s) => redis_command(url, &["INFO", "commandstats"])
+                .await
+                .map(|info| {
+                    // Commands clients send; the commands our scripts run inside
+                    // Redis are not round trips, nor are `CLIENT CACHING` and
+                    // `WAIT`, which travel in the pipeline of the command they
+                    // serve.
+                    let sent: f64 = info
+                        .lines()
+                        .filter(|l| {
+                            [
+                                "cmdstat_hgetall:",
+                                "cmdstat_evalsha:",
+                                "cmdstat_eval:",
+                                "cmdstat_del:",
+                                "cmdstat_script",
+                            ]
+                            .iter()
+                            .any(|p| l.starts_with(p))
+                        })
+                        .filter_map(|l| {
+                            l.split("calls=")
+                                .nth(1)?
+                                .split(',')
+                                .next()?
+                                .parse::<f64>()
+                                .ok()
+                        })
+                        .sum();
+                    // Logins, the workload, and the last check after the kill.
+                    sent / (row.requests + 2 * row.users) as f64
+                }),
+            (s, None) if uses_redis(s) => None,
+            // Hops to the owner on another node (the killed node's count is lost).
+            (s, _) if s.starts_with("replicated") => {
+                Some(forwarded / (row.requests + 2 * row.users) as f64)
+            }
+            _ => Some(0.0),
+        };
     row.note = match strategy {
         "redis" => "sessions in one shared Redis: nodes hold none".into(),
         "sticky-redis" => {

@@ -465,9 +465,8 @@ async fn lb(args: LbArgs) -> anyhow::Result<ExitCode> {
 async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(!args.id.is_empty(), "--id must not be empty");
     anyhow::ensure!(args.idle_timeout > 0, "--idle-timeout must be positive");
-    let redis_options = args.redis_wait.is_some()
-        || args.redis_near_cache
-        || args.redis_near_cache_size.is_some();
+    let redis_options =
+        args.redis_wait.is_some() || args.redis_near_cache || args.redis_near_cache_size.is_some();
     anyhow::ensure!(
         !redis_options
             || matches!(args.store, StoreSpec::Redis(_))

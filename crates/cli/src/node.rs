@@ -621,13 +621,48 @@ async fn metrics(State(node): State<Node>) -> Response {
     if let Some(s) = node.redis.as_ref().and_then(|r| r.near_cache_stats()) {
         let n = |v: u64| v as f64;
         let rows: [(&str, &str, &str, f64); 7] = [
-            ("tether_redis_near_cache_hits_total", "counter", "Session reads answered by the near cache.", n(s.hits)),
-            ("tether_redis_near_cache_misses_total", "counter", "Session reads that went to Redis.", n(s.misses)),
-            ("tether_redis_near_cache_invalidations_total", "counter", "Sessions dropped because Redis said another client changed them.", n(s.invalidations)),
-            ("tether_redis_near_cache_flushes_total", "counter", "Times the whole cache was dropped (a connection broke or changed).", n(s.flushes)),
-            ("tether_redis_near_cache_evictions_total", "counter", "Sessions dropped to stay within the bounds.", n(s.evictions)),
-            ("tether_redis_near_cache_entries", "gauge", "Sessions held.", n(s.entries)),
-            ("tether_redis_near_cache_bytes", "gauge", "Attribute bytes held.", n(s.bytes)),
+            (
+                "tether_redis_near_cache_hits_total",
+                "counter",
+                "Session reads answered by the near cache.",
+                n(s.hits),
+            ),
+            (
+                "tether_redis_near_cache_misses_total",
+                "counter",
+                "Session reads that went to Redis.",
+                n(s.misses),
+            ),
+            (
+                "tether_redis_near_cache_invalidations_total",
+                "counter",
+                "Sessions dropped because Redis said another client changed them.",
+                n(s.invalidations),
+            ),
+            (
+                "tether_redis_near_cache_flushes_total",
+                "counter",
+                "Times the whole cache was dropped (a connection broke or changed).",
+                n(s.flushes),
+            ),
+            (
+                "tether_redis_near_cache_evictions_total",
+                "counter",
+                "Sessions dropped to stay within the bounds.",
+                n(s.evictions),
+            ),
+            (
+                "tether_redis_near_cache_entries",
+                "gauge",
+                "Sessions held.",
+                n(s.entries),
+            ),
+            (
+                "tether_redis_near_cache_bytes",
+                "gauge",
+                "Attribute bytes held.",
+                n(s.bytes),
+            ),
         ];
         for (name, kind, help, value) in rows {
             line(name, kind, help, value);

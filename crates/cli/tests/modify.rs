@@ -128,7 +128,10 @@ async fn concurrent_carts_through_two_near_caches_lose_nothing() {
         hits += metric("tether_redis_near_cache_hits_total");
         invalidations += metric("tether_redis_near_cache_invalidations_total");
     }
-    assert!(hits > 0.0 && invalidations > 0.0, "hits {hits}, invalidations {invalidations}");
+    assert!(
+        hits > 0.0 && invalidations > 0.0,
+        "hits {hits}, invalidations {invalidations}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use tether_core::{Record, SessionId};
 
+use crate::layout::Meta;
+
 const SHARDS: usize = 16;
 /// An invalidation older than this cannot concern a read still in flight
 /// (the response timeout is shorter).
@@ -56,8 +58,16 @@ pub(crate) struct Ticket {
     seq: u64,
 }
 
+/// A session as this node last saw it, with its metadata as stored (a
+/// write compares it with Redis's whole).
+#[derive(Debug)]
+pub(crate) struct Cached {
+    pub record: Record,
+    pub meta: Meta,
+}
+
 struct Entry {
-    record: Arc<Record>,
+    cached: Arc<Cached>,
     bytes: usize,
 }
 
@@ -125,8 +135,8 @@ impl NearCache {
     }
 
     /// The cached session `id`, counting a hit or a miss.
-    pub(crate) fn get(&self, id: &SessionId) -> Option<Arc<Record>> {
-        let found = self.shard(id).lru.get(id).map(|e| e.record.clone());
+    pub(crate) fn get(&self, id: &SessionId) -> Option<Arc<Cached>> {
+        let found = self.shard(id).lru.get(id).map(|e| e.cached.clone());
         let counter = if found.is_some() {
             &self.hits
         } else {
@@ -137,8 +147,8 @@ impl NearCache {
     }
 
     /// The cached session `id`, without counting.
-    pub(crate) fn peek(&self, id: &SessionId) -> Option<Arc<Record>> {
-        self.shard(id).lru.peek(id).map(|e| e.record.clone())
+    pub(crate) fn peek(&self, id: &SessionId) -> Option<Arc<Cached>> {
+        self.shard(id).lru.peek(id).map(|e| e.cached.clone())
     }
 
     pub(crate) fn ticket(&self) -> Ticket {
@@ -151,7 +161,7 @@ impl NearCache {
 
     /// Caches `record` as read or written under `ticket`, unless the session
     /// was invalidated after the ticket was taken or the cache was cleared.
-    pub(crate) fn put(&self, ticket: Ticket, record: Record) {
+    pub(crate) fn put(&self, ticket: Ticket, record: Record, meta: Meta) {
         let id = record.id;
         let bytes = record.size() + 128;
         let mut shard = self.shard(&id);
@@ -171,7 +181,7 @@ impl NearCache {
         if let Some((old_id, old)) = shard.lru.push(
             id,
             Entry {
-                record: Arc::new(record),
+                cached: Arc::new(Cached { record, meta }),
                 bytes,
             },
         ) {
@@ -278,6 +288,10 @@ mod tests {
     use tether_core::testing::record_with;
     use tether_core::Timestamp;
 
+    fn meta(r: &Record) -> Meta {
+        Meta::of(r, r.last_access.0)
+    }
+
     fn key(id: &SessionId) -> Vec<u8> {
         format!("p:{{{id}}}").into_bytes()
     }
@@ -288,13 +302,13 @@ mod tests {
         let r = record_with(Timestamp::now(), &[("a", "1")]);
         let t = c.ticket();
         c.invalidate(&key(&r.id));
-        c.put(t, r.clone());
+        c.put(t, r.clone(), meta(&r));
         assert!(
             c.get(&r.id).is_none(),
             "a read older than an invalidation was cached"
         );
         let t = c.ticket();
-        c.put(t, r.clone());
+        c.put(t, r.clone(), meta(&r));
         assert!(c.get(&r.id).is_some());
         c.invalidate(&key(&r.id));
         assert!(c.get(&r.id).is_none());
@@ -307,7 +321,7 @@ mod tests {
         let r = record_with(Timestamp::now(), &[("a", "1")]);
         let t = c.ticket();
         c.clear();
-        c.put(t, r.clone());
+        c.put(t, r.clone(), meta(&r));
         assert!(c.get(&r.id).is_none());
     }
 
@@ -319,7 +333,8 @@ mod tests {
         for _ in 0..SHARDS * 8 {
             let r = record_with(now, &[("a", "1")]);
             ids.push(r.id);
-            c.put(c.ticket(), r);
+            let m = meta(&r);
+            c.put(c.ticket(), r, m);
         }
         let s = c.stats();
         assert!(s.entries <= (SHARDS * 2) as u64, "{s:?}");
@@ -327,10 +342,9 @@ mod tests {
         // Bytes too.
         let small = NearCache::new(1000, SHARDS * 300);
         for _ in 0..100 {
-            small.put(
-                small.ticket(),
-                record_with(now, &[("a", &format!("\"{}\"", "x".repeat(200)))]),
-            );
+            let r = record_with(now, &[("a", &format!("\"{}\"", "x".repeat(200)))]);
+            let m = meta(&r);
+            small.put(small.ticket(), r, m);
         }
         assert!(small.stats().bytes <= (SHARDS * 300) as u64);
     }
@@ -342,8 +356,8 @@ mod tests {
             record_with(Timestamp::now(), &[]),
             record_with(Timestamp::now(), &[]),
         );
-        c.put(c.ticket(), a.clone());
-        c.put(c.ticket(), b.clone());
+        c.put(c.ticket(), a.clone(), meta(&a));
+        c.put(c.ticket(), b.clone(), meta(&b));
         c.on_push(redis::PushInfo {
             kind: redis::PushKind::Invalidate,
             data: vec![redis::Value::Array(vec![redis::Value::BulkString(key(
@@ -356,7 +370,7 @@ mod tests {
             data: vec![redis::Value::Nil],
         });
         assert!(c.peek(&b.id).is_none());
-        c.put(c.ticket(), b.clone());
+        c.put(c.ticket(), b.clone(), meta(&b));
         c.on_push(redis::PushInfo {
             kind: redis::PushKind::Disconnection,
             data: vec![],

@@ -4,14 +4,16 @@
 //! Cluster everything of a session sits in one slot). Fields:
 //! - `attr:NAME`: an attribute as JSON text;
 //! - `m`: the metadata packed in one field,
-//!   `version,last,idle,deadline,created,size` (milliseconds; deadline 0 =
+//!   `version,last,idle,deadline,created,size,gc` (milliseconds; deadline 0 =
 //!   none; size = attribute names plus JSON bytes, kept so a write checks the
-//!   size limit from the changed attributes only).
+//!   size limit from the changed attributes only; gc = when the key's Redis
+//!   TTL ends, see [`Meta::collect_after`]).
 //!
-//! One field instead of six halves the work of `HGETALL` for the common
+//! One field instead of seven halves the work of `HGETALL` for the common
 //! small session and lets a write read and rewrite all of it with one
-//! `HGET` and one `HSET`. `redis-cli HGETALL tether:session:{ID}` still
-//! shows the session as it is.
+//! `HGET` and one `HSET`; a writer that knows the metadata it read can
+//! compare it whole instead of parsing it in Redis. `redis-cli HGETALL
+//! tether:session:{ID}` still shows the session as it is.
 
 use std::collections::BTreeMap;
 
@@ -32,11 +34,14 @@ pub(crate) struct Meta {
     pub deadline: u64,
     pub created: u64,
     pub size: u64,
+    /// When Redis drops the key (its TTL), at or after the expiry.
+    pub gc: u64,
 }
 
 impl Meta {
-    pub(crate) fn of(record: &Record) -> Self {
-        Self {
+    /// The metadata of `record` as first written at `now`.
+    pub(crate) fn of(record: &Record, now: u64) -> Self {
+        let mut m = Self {
             version: record.version,
             last: record.last_access.0,
             idle: record.idle_ms,
@@ -47,27 +52,63 @@ impl Meta {
             },
             created: record.created.0,
             size: record.size() as u64,
+            gc: 0,
+        };
+        m.collect_after(now);
+        m
+    }
+
+    /// When the session expires.
+    pub(crate) fn expires(&self) -> u64 {
+        let e = self.last.saturating_add(self.idle);
+        if self.deadline > 0 {
+            e.min(self.deadline)
+        } else {
+            e
         }
+    }
+
+    /// Moves `gc` past the expiry if it is not already: returns the TTL to
+    /// give the key (`PEXPIRE`), or `None` when its TTL still covers it.
+    ///
+    /// The TTL is set a quarter of the inactivity window beyond the expiry,
+    /// so most writes (which move the expiry by a little) need no
+    /// `PEXPIRE`: Redis keeps a key up to that much longer than the session
+    /// lives, and every reader and script checks the expiry itself. The
+    /// scripts follow the same rule (`tether_gc` in `scripts.rs`).
+    pub(crate) fn collect_after(&mut self, now: u64) -> Option<u64> {
+        let expires = self.expires();
+        if expires <= self.gc {
+            return None;
+        }
+        let mut gc = expires.saturating_add(self.idle / 4);
+        if self.deadline > 0 && gc > self.deadline {
+            gc = self.deadline;
+        }
+        self.gc = gc;
+        Some(gc.saturating_sub(now).max(1))
     }
 
     pub(crate) fn pack(&self) -> String {
         format!(
-            "{},{},{},{},{},{}",
-            self.version, self.last, self.idle, self.deadline, self.created, self.size
+            "{},{},{},{},{},{},{}",
+            self.version, self.last, self.idle, self.deadline, self.created, self.size, self.gc
         )
     }
 
     pub(crate) fn parse(text: &str) -> Option<Self> {
         let mut it = text.split(',').map(|n| n.parse::<u64>().ok());
         let mut next = || it.next().flatten();
-        Some(Self {
+        let m = Self {
             version: next()?,
             last: next()?,
             idle: next()?,
             deadline: next()?,
             created: next()?,
             size: next()?,
-        })
+            gc: next()?,
+        };
+        it.next().is_none().then_some(m)
     }
 }
 
@@ -101,8 +142,12 @@ fn pairs(v: Value) -> Result<Vec<(Value, Value)>, StoreError> {
     }
 }
 
-/// Rebuilds a session from `HGETALL` output; `None` when the hash is gone.
-pub(crate) fn parse_hash(id: SessionId, answer: Value) -> Result<Option<Record>, StoreError> {
+/// Rebuilds a session and its metadata from `HGETALL` output; `None` when
+/// the hash is gone.
+pub(crate) fn parse_hash(
+    id: SessionId,
+    answer: Value,
+) -> Result<Option<(Record, Meta)>, StoreError> {
     let pairs = pairs(answer)?;
     if pairs.is_empty() {
         return Ok(None);
@@ -127,19 +172,22 @@ pub(crate) fn parse_hash(id: SessionId, answer: Value) -> Result<Option<Record>,
         // metadata cannot happen (writes are atomic): this is not ours.
         return Err(corrupt("session hash without metadata"));
     };
-    Ok(Some(Record {
-        id,
-        attributes,
-        created: Timestamp(m.created),
-        last_access: Timestamp(m.last),
-        idle_ms: m.idle,
-        deadline: if m.deadline == 0 {
-            Timestamp::MAX
-        } else {
-            Timestamp(m.deadline)
+    Ok(Some((
+        Record {
+            id,
+            attributes,
+            created: Timestamp(m.created),
+            last_access: Timestamp(m.last),
+            idle_ms: m.idle,
+            deadline: if m.deadline == 0 {
+                Timestamp::MAX
+            } else {
+                Timestamp(m.deadline)
+            },
+            version: m.version,
         },
-        version: m.version,
-    }))
+        m,
+    )))
 }
 
 #[cfg(test)]
@@ -155,9 +203,36 @@ mod tests {
             deadline: 0,
             created: 1_800_000_000_000,
             size: 42,
+            gc: 1_800_002_250_123,
         };
         assert_eq!(Meta::parse(&m.pack()), Some(m));
         assert_eq!(Meta::parse("1,2,3"), None);
-        assert_eq!(Meta::parse("a,2,3,4,5,6"), None);
+        assert_eq!(Meta::parse("a,2,3,4,5,6,7"), None);
+        assert_eq!(Meta::parse("1,2,3,4,5,6,7,8"), None);
+    }
+
+    #[test]
+    fn the_ttl_moves_only_when_the_expiry_passes_it() {
+        let mut m = Meta {
+            version: 1,
+            last: 1_000_000,
+            idle: 400_000,
+            deadline: 0,
+            created: 1_000_000,
+            size: 0,
+            gc: 0,
+        };
+        assert_eq!(m.collect_after(1_000_000), Some(500_000), "expiry + idle/4");
+        assert_eq!(m.gc, 1_500_000);
+        m.last = 1_090_000;
+        assert_eq!(m.collect_after(1_090_000), None, "still covered");
+        m.last = 1_100_001;
+        assert_eq!(m.collect_after(1_100_001), Some(1_600_001 - 1_100_001));
+        // An absolute deadline caps it.
+        m.deadline = 1_550_000;
+        m.gc = 0;
+        m.collect_after(1_100_001);
+        assert_eq!(m.gc, 1_550_000);
+        assert!(m.gc >= m.expires());
     }
 }

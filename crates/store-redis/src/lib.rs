@@ -89,7 +89,13 @@ use tether_core::{
 };
 
 pub use cache::NearCacheStats;
-use cache::{NearCache, Ticket};
+use cache::{Cached, NearCache, Ticket};
+
+/// Without a near cache, how many sessions' metadata a store keeps for the
+/// write that usually follows a read (a handler's read-then-write).
+const WRITE_BASES: usize = 4096;
+/// And at most this many attribute bytes of them.
+const WRITE_BASE_BYTES: usize = 8 << 20;
 use conn::{Connector, Live, Source};
 use layout::{corrupt, text, Meta};
 
@@ -135,7 +141,13 @@ pub struct RedisStore {
     prefix: String,
     max_size: usize,
     wait: Option<(u32, Duration)>,
-    cache: Option<Arc<NearCache>>,
+    /// Sessions this node read or wrote lately, with their metadata as
+    /// stored: a write sends the metadata it started from, so Redis
+    /// compares one string instead of redoing the checks. Reads are served
+    /// from it only when it is a near cache (`near`), kept coherent by
+    /// Redis; otherwise a stale entry costs nothing but the slower path.
+    cache: Arc<NearCache>,
+    near: bool,
     scripts: Scripts,
     watcher: Option<tokio::task::JoinHandle<()>>,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
@@ -148,7 +160,7 @@ impl std::fmt::Debug for RedisStore {
             .field("max_size", &self.max_size)
             .field("cluster", &self.conn.is_cluster())
             .field("wait", &self.wait)
-            .field("near_cache", &self.cache.is_some())
+            .field("near_cache", &self.near)
             .finish_non_exhaustive()
     }
 }
@@ -303,7 +315,8 @@ impl RedisStore {
             prefix: "tether:session:".into(),
             max_size: DEFAULT_MAX_SIZE,
             wait: None,
-            cache: None,
+            cache: NearCache::new(WRITE_BASES, WRITE_BASE_BYTES),
+            near: false,
             scripts: Scripts {
                 create: Script::new(&scripts::create()),
                 apply: Script::new(&scripts::apply()),
@@ -343,15 +356,16 @@ impl RedisStore {
     /// Keeps up to `entries` recently used sessions (and at most `bytes` of
     /// their attributes) in this process, kept coherent by Redis (see the
     /// crate docs). Call before the store is first used.
-    #[must_use]
     ///
     /// Call it inside a Tokio runtime: the connections' heartbeat (which
     /// bounds how long a silently cut connection can leave the cache
     /// unaware of other nodes' writes) runs on it.
+    #[must_use]
     pub fn with_near_cache(mut self, entries: usize, bytes: usize) -> Self {
         let cache = NearCache::new(entries, bytes);
         self.conn.track(cache.clone());
-        self.cache = Some(cache);
+        self.cache = cache;
+        self.near = true;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             self.heartbeat = Some(runtime.spawn(self.conn.clone().heartbeat()));
         }
@@ -360,7 +374,7 @@ impl RedisStore {
 
     /// What the near cache did so far; `None` without one.
     pub fn near_cache_stats(&self) -> Option<NearCacheStats> {
-        self.cache.as_ref().map(|c| c.stats())
+        self.near.then(|| self.cache.stats())
     }
 
     /// The Redis key of session `id`.
@@ -369,11 +383,7 @@ impl RedisStore {
     }
 
     fn tracking(&self) -> bool {
-        self.cache.is_some()
-    }
-
-    fn ticket(&self) -> Option<Ticket> {
-        self.cache.as_ref().map(|c| c.ticket())
+        self.near
     }
 
     /// The connection for session `id`: with `WAIT`, one of the dedicated
@@ -424,7 +434,7 @@ impl RedisStore {
     }
 
     /// Reads session `id`'s hash (tracked when the near cache is on).
-    async fn read(&self, id: &SessionId) -> Result<Option<Record>, StoreError> {
+    async fn read(&self, id: &SessionId) -> Result<Option<(Record, Meta)>, StoreError> {
         let mut pipe = self.pipeline();
         pipe.cmd("HGETALL").arg(self.key(id));
         // A read is safe to repeat, so one reconnect-and-retry hides a
@@ -535,7 +545,12 @@ impl RedisStore {
         }
     }
 
-    fn delta_args(&self, cmd: &mut Cmd, delta: &Delta, now: Timestamp) {
+    /// The arguments of a change (see `APPLY_FN` in `scripts.rs`). With
+    /// `base` (what this node last read of the session) it also sends what
+    /// the script needs to take the short path; with `base` gone stale, the
+    /// script takes the long one.
+    fn delta_args(&self, cmd: &mut Cmd, delta: &Delta, now: Timestamp, base: Option<&Cached>) {
+        let fast = base.and_then(|b| self.prepared(b, delta, now));
         cmd.arg(now.0)
             .arg(self.max_size)
             .arg(u8::from(delta.clear))
@@ -544,6 +559,10 @@ impl RedisStore {
                     .idle_ms
                     .map_or(-1, |i| i64::try_from(i).unwrap_or(i64::MAX)),
             );
+        match &fast {
+            Some((base_m, new_m, ttl)) => cmd.arg(base_m).arg(new_m).arg(*ttl),
+            None => cmd.arg("").arg("").arg(0),
+        };
         let sets = delta.changes.values().filter(|v| v.is_some()).count();
         cmd.arg(sets);
         for (k, v) in &delta.changes {
@@ -551,10 +570,40 @@ impl RedisStore {
                 cmd.arg(k.as_str()).arg(v.get());
             }
         }
-        cmd.arg(delta.changes.len() - sets);
-        for (k, v) in &delta.changes {
-            if v.is_none() {
-                cmd.arg(k.as_str());
+        match (&fast, base) {
+            // The short path clears by removing what the base holds.
+            (Some(_), Some(b)) if delta.clear => {
+                let gone: Vec<&String> = b
+                    .record
+                    .attributes
+                    .keys()
+                    .filter(|k| !matches!(delta.changes.get(*k), Some(Some(_))))
+                    .collect();
+                cmd.arg(gone.len());
+                for k in gone {
+                    cmd.arg(k.as_str());
+                }
+            }
+            // Removals of attributes the base has (the short path's HDEL).
+            (Some(_), Some(b)) => {
+                let gone: Vec<&String> = delta
+                    .changes
+                    .iter()
+                    .filter(|(k, v)| v.is_none() && b.record.attributes.contains_key(*k))
+                    .map(|(k, _)| k)
+                    .collect();
+                cmd.arg(gone.len());
+                for k in gone {
+                    cmd.arg(k.as_str());
+                }
+            }
+            _ => {
+                cmd.arg(delta.changes.len() - sets);
+                for (k, v) in &delta.changes {
+                    if v.is_none() {
+                        cmd.arg(k.as_str());
+                    }
+                }
             }
         }
         cmd.arg(delta.expect.len());
@@ -567,6 +616,35 @@ impl RedisStore {
         cmd.arg(self.track_arg());
     }
 
+    /// The short path's arguments for `delta` on `base`: the metadata it
+    /// read, the new metadata, and the TTL to set (0: keep). `None` when
+    /// the base cannot decide alone (expired, a condition fails, too large):
+    /// Redis then checks against what it holds.
+    fn prepared(
+        &self,
+        base: &Cached,
+        delta: &Delta,
+        now: Timestamp,
+    ) -> Option<(String, String, u64)> {
+        let record = &base.record;
+        if base.meta.version != record.version || record.is_expired(now) || !record.meets(delta) {
+            return None;
+        }
+        let size = record.size_after(delta);
+        if size > self.max_size {
+            return None;
+        }
+        let mut meta = base.meta;
+        meta.version += 1;
+        meta.last = meta.last.max(now.0);
+        if let Some(idle) = delta.idle_ms {
+            meta.idle = idle;
+        }
+        meta.size = size as u64;
+        let ttl = meta.collect_after(now.0).unwrap_or(0);
+        Some((base.meta.pack(), meta.pack(), ttl))
+    }
+
     /// Records an access at `now` (the lazy refresh of the inactivity
     /// timer). `Ok(Ok(record))`: `record` with the access recorded, or
     /// `None` if the session is gone; `Ok(Err(()))`: the session changed
@@ -576,7 +654,7 @@ impl RedisStore {
         mut record: Record,
         now: Timestamp,
     ) -> Result<Result<Option<Record>, ()>, StoreError> {
-        let ticket = self.ticket();
+        let ticket = self.cache.ticket();
         let mut pipe = self.pipeline();
         let key = self.key(&record.id);
         let mut cmd = evalsha(&self.scripts.touch, &[&key]);
@@ -585,61 +663,45 @@ impl RedisStore {
         // A touch is not worth a `WAIT`: losing it moves the expiry back by
         // at most the refresh threshold.
         let written = self.write(&record.id, pipe, false).await?.value;
-        let m = match &written {
-            Value::Nil | Value::Boolean(false) => {
-                self.forget(&record.id);
-                return Ok(Ok(None));
-            }
-            v => text(v)
-                .and_then(|t| std::str::from_utf8(t).ok())
-                .and_then(Meta::parse)
-                .ok_or_else(|| corrupt(format!("unexpected touch answer {written:?}")))?,
+        let Some(meta) = answered_meta(&written)? else {
+            self.cache.forget(&record.id);
+            return Ok(Ok(None));
         };
-        if m.version != record.version {
-            self.forget(&record.id);
+        if meta.version != record.version {
+            self.cache.forget(&record.id);
             return Ok(Err(()));
         }
-        record.last_access = Timestamp(m.last);
-        self.remember(ticket, &record);
+        record.last_access = Timestamp(meta.last);
+        self.cache.put(ticket, record.clone(), meta);
         Ok(Ok(Some(record)))
     }
 
-    fn remember(&self, ticket: Option<Ticket>, record: &Record) {
-        if let (Some(cache), Some(ticket)) = (&self.cache, ticket) {
-            cache.put(ticket, record.clone());
-        }
-    }
-
-    fn forget(&self, id: &SessionId) {
-        if let Some(cache) = &self.cache {
-            cache.forget(id);
-        }
-    }
-
-    /// After this node's own write of `delta` to `id` answered `version`:
-    /// the cached copy becomes the new value if it was the one written over
+    /// After this node's own write of `delta` to `id` answered `meta`: the
+    /// cached copy becomes the new value if it was the one written over
     /// (nobody else wrote in between), else it is dropped.
     fn follow(
         &self,
-        ticket: Option<Ticket>,
-        id: &SessionId,
-        new_id: &SessionId,
+        ticket: Ticket,
+        (id, new_id): (&SessionId, &SessionId),
+        base: Option<Arc<Cached>>,
         delta: &Delta,
         now: Timestamp,
-        version: Option<u64>,
+        meta: Option<Meta>,
     ) {
-        let (Some(cache), Some(ticket)) = (&self.cache, ticket) else {
-            return;
-        };
-        let base = cache.peek(id);
-        cache.forget(id);
-        if let (Some(base), Some(v)) = (base, version) {
-            if base.version + 1 == v {
-                let mut record = (*base).clone();
-                record.apply(delta, now);
-                record.id = *new_id;
-                cache.put(ticket, record);
-            }
+        // Versions name states: the write was applied to the state one
+        // version before its answer. That is the base the write started
+        // from, or, when this node's requests of the session overlap, the
+        // copy another answer left meanwhile.
+        let written_over = [base, self.cache.peek(id)]
+            .into_iter()
+            .flatten()
+            .find(|b| meta.is_some_and(|m| b.record.version + 1 == m.version));
+        self.cache.forget(id);
+        if let (Some(base), Some(meta)) = (written_over, meta) {
+            let mut record = base.record.clone();
+            record.apply(delta, now);
+            record.id = *new_id;
+            self.cache.put(ticket, record, meta);
         }
     }
 
@@ -654,6 +716,49 @@ impl RedisStore {
         }
     }
 
+    /// Applies `delta` to session `id`, renaming it `new_id` when they
+    /// differ (rotation on one node: the same script, then `RENAME`).
+    async fn change(
+        &self,
+        id: &SessionId,
+        new_id: &SessionId,
+        delta: &Delta,
+        now: Timestamp,
+    ) -> Result<Option<u64>, StoreError> {
+        let ticket = self.cache.ticket();
+        let base = self.cache.peek(id);
+        let (key, new_key) = (self.key(id), self.key(new_id));
+        let mut cmd = if id == new_id {
+            evalsha(&self.scripts.apply, &[&key])
+        } else {
+            evalsha(&self.scripts.rotate, &[&key, &new_key])
+        };
+        self.delta_args(&mut cmd, delta, now, base.as_deref());
+        let mut pipe = self.pipeline();
+        pipe.add_command(cmd);
+        // A rotated session lives on the old ID's connection until the
+        // answer is in: `WAIT` must follow on the connection that wrote.
+        let written = match self.write(id, pipe, true).await {
+            Ok(w) => w,
+            Err(e) => {
+                self.cache.forget(id);
+                return Err(e);
+            }
+        };
+        let meta = match applied(&written.value) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // A refused condition may mean the cached copy is behind:
+                // the retry reads Redis.
+                self.cache.forget(id);
+                return Err(self.with_limit(e));
+            }
+        };
+        self.follow(ticket, (id, new_id), base, delta, now, meta);
+        self.replicated(&written)?;
+        Ok(meta.map(|m| m.version))
+    }
+
     async fn create_record(&self, record: &Record) -> Result<(), StoreError> {
         let size = record.size();
         if size > self.max_size {
@@ -662,14 +767,14 @@ impl RedisStore {
                 limit: self.max_size,
             });
         }
-        let now = record.last_access;
-        let ttl = record.expires_at().0.saturating_sub(now.0).max(1);
+        let now = record.last_access.0;
+        let meta = Meta::of(record, now);
         let key = self.key(&record.id);
         let mut cmd = evalsha(&self.scripts.create, &[&key]);
-        cmd.arg(now.0)
-            .arg(ttl)
-            .arg(self.track_arg())
-            .arg(Meta::of(record).pack());
+        cmd.arg(now)
+            .arg(meta.pack())
+            .arg(meta.gc.saturating_sub(now).max(1))
+            .arg(self.track_arg());
         let mut field = String::new();
         for (k, v) in &record.attributes {
             field.clear();
@@ -677,7 +782,7 @@ impl RedisStore {
             field.push_str(k);
             cmd.arg(field.as_str()).arg(v.get());
         }
-        let ticket = self.ticket();
+        let ticket = self.cache.ticket();
         let mut pipe = self.pipeline();
         pipe.add_command(cmd);
         let written = self.write(&record.id, pipe, true).await?;
@@ -686,7 +791,7 @@ impl RedisStore {
             Value::Int(0) => return Err(StoreError::Collision),
             other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
         }
-        self.remember(ticket, record);
+        self.cache.put(ticket, record.clone(), meta);
         self.replicated(&written)
     }
 }
@@ -749,13 +854,21 @@ fn classify(e: RedisError) -> StoreError {
     }
 }
 
-/// Reads a write script's answer: a version, nothing, or a refusal.
-fn applied(v: Value) -> Result<Option<u64>, StoreError> {
+/// The metadata a script answered (`false`: the session is gone).
+fn answered_meta(v: &Value) -> Result<Option<Meta>, StoreError> {
     match v {
         Value::Nil | Value::Boolean(false) => Ok(None),
-        Value::Int(n) => Ok(Some(
-            u64::try_from(n).map_err(|_| corrupt("negative version"))?,
-        )),
+        v => text(v)
+            .and_then(|t| std::str::from_utf8(t).ok())
+            .and_then(Meta::parse)
+            .map(Some)
+            .ok_or_else(|| corrupt(format!("unexpected script answer {v:?}"))),
+    }
+}
+
+/// Reads a change's answer: the new metadata, nothing, or a refusal.
+fn applied(v: &Value) -> Result<Option<Meta>, StoreError> {
+    match v {
         Value::Array(items) => match items.first().and_then(text) {
             Some(b"too_large") => {
                 let size = items
@@ -769,7 +882,7 @@ fn applied(v: Value) -> Result<Option<u64>, StoreError> {
             Some(b"conflict") => Err(StoreError::Conflict),
             _ => Err(corrupt("unexpected script answer")),
         },
-        other => Err(corrupt(format!("unexpected script answer {other:?}"))),
+        v => answered_meta(v),
     }
 }
 
@@ -780,26 +893,26 @@ impl SessionStore for RedisStore {
     }
 
     async fn load(&self, id: &SessionId, load: Load) -> Result<Option<Record>, StoreError> {
-        if let Some(cache) = &self.cache {
-            if let Some(cached) = cache.get(id) {
+        if self.near {
+            if let Some(cached) = self.cache.get(id) {
                 // Only a live copy is trusted: an expired-looking one may
                 // have been extended by a touch whose push is in flight.
-                if !cached.is_expired(load.now) {
-                    if !load.should_refresh(&cached) {
-                        return Ok(Some((*cached).clone()));
+                if !cached.record.is_expired(load.now) {
+                    if !load.should_refresh(&cached.record) {
+                        return Ok(Some(cached.record.clone()));
                     }
-                    if let Ok(answer) = self.touch((*cached).clone(), load.now).await? {
+                    if let Ok(answer) = self.touch(cached.record.clone(), load.now).await? {
                         return Ok(answer);
                     }
                 }
-                cache.forget(id);
+                self.cache.forget(id);
             }
         }
         // Another writer may slip in between the read and the touch; a few
         // tries settle it (each is one round trip).
         for _ in 0..3 {
-            let ticket = self.ticket();
-            let Some(record) = self.read(id).await? else {
+            let ticket = self.cache.ticket();
+            let Some((record, meta)) = self.read(id).await? else {
                 return Ok(None);
             };
             if record.is_expired(load.now) {
@@ -807,7 +920,7 @@ impl SessionStore for RedisStore {
                 return Ok(None);
             }
             if !load.should_refresh(&record) {
-                self.remember(ticket, &record);
+                self.cache.put(ticket, record.clone(), meta);
                 return Ok(Some(record));
             }
             if let Ok(answer) = self.touch(record, load.now).await? {
@@ -825,31 +938,7 @@ impl SessionStore for RedisStore {
         delta: &Delta,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        let key = self.key(id);
-        let mut cmd = evalsha(&self.scripts.apply, &[&key]);
-        self.delta_args(&mut cmd, delta, now);
-        let ticket = self.ticket();
-        let mut pipe = self.pipeline();
-        pipe.add_command(cmd);
-        let written = match self.write(id, pipe, true).await {
-            Ok(w) => w,
-            Err(e) => {
-                self.forget(id);
-                return Err(e);
-            }
-        };
-        let version = match applied(written.value.clone()) {
-            Ok(v) => v,
-            Err(e) => {
-                // A refused condition may mean the cached copy is behind:
-                // the retry reads Redis.
-                self.forget(id);
-                return Err(self.with_limit(e));
-            }
-        };
-        self.follow(ticket, id, id, delta, now, version);
-        self.replicated(&written)?;
-        Ok(version)
+        self.change(id, id, delta, now).await
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool, StoreError> {
@@ -858,7 +947,7 @@ impl SessionStore for RedisStore {
         let mut pipe = self.pipeline();
         pipe.cmd("DEL").arg(self.key(id));
         let written = self.write(id, pipe, true).await;
-        self.forget(id);
+        self.cache.forget(id);
         let written = written?;
         let Value::Int(n) = written.value else {
             return Err(corrupt(format!(
@@ -877,53 +966,30 @@ impl SessionStore for RedisStore {
         delta: &Delta,
         now: Timestamp,
     ) -> Result<Option<u64>, StoreError> {
-        if self.conn.is_cluster() {
-            // Different slots: read (from Redis, not the cache: this copy is
-            // written back whole), create under the new ID, delete the old.
-            let Some(mut record) = self.read(old).await?.filter(|r| !r.is_expired(now)) else {
-                return Ok(None);
-            };
-            if !record.meets(delta) {
-                return Err(StoreError::Conflict);
-            }
-            let size = record.size_after(delta);
-            if size > self.max_size {
-                return Err(StoreError::TooLarge {
-                    size,
-                    limit: self.max_size,
-                });
-            }
-            record.apply(delta, now);
-            record.id = *new;
-            self.create_record(&record).await?;
-            self.delete(old).await?;
-            return Ok(Some(record.version));
+        if !self.conn.is_cluster() {
+            return self.change(old, new, delta, now).await;
         }
-        let (old_key, new_key) = (self.key(old), self.key(new));
-        let mut cmd = evalsha(&self.scripts.rotate, &[&old_key, &new_key]);
-        self.delta_args(&mut cmd, delta, now);
-        let ticket = self.ticket();
-        let mut pipe = self.pipeline();
-        pipe.add_command(cmd);
-        // The new ID's session lives on the old one's connection until the
-        // answer is in: `WAIT` must follow on the connection that wrote.
-        let written = match self.write(old, pipe, true).await {
-            Ok(w) => w,
-            Err(e) => {
-                self.forget(old);
-                return Err(e);
-            }
+        // Different slots: read (from Redis, not the cache: this copy is
+        // written back whole), create under the new ID, delete the old.
+        let Some((mut record, _)) = self.read(old).await?.filter(|(r, _)| !r.is_expired(now))
+        else {
+            return Ok(None);
         };
-        let version = match applied(written.value.clone()) {
-            Ok(v) => v,
-            Err(e) => {
-                self.forget(old);
-                return Err(self.with_limit(e));
-            }
-        };
-        self.follow(ticket, old, new, delta, now, version);
-        self.replicated(&written)?;
-        Ok(version)
+        if !record.meets(delta) {
+            return Err(StoreError::Conflict);
+        }
+        let size = record.size_after(delta);
+        if size > self.max_size {
+            return Err(StoreError::TooLarge {
+                size,
+                limit: self.max_size,
+            });
+        }
+        record.apply(delta, now);
+        record.id = *new;
+        self.create_record(&record).await?;
+        self.delete(old).await?;
+        Ok(Some(record.version))
     }
 
     fn max_size(&self) -> usize {
@@ -962,18 +1028,20 @@ mod tests {
 
     #[test]
     fn script_answers_are_read() {
-        assert_eq!(applied(Value::Int(3)).unwrap(), Some(3));
-        assert_eq!(applied(Value::Nil).unwrap(), None);
+        let m = Value::BulkString(b"3,1000,1800000,0,900,12,1450000".to_vec());
+        assert_eq!(applied(&m).unwrap().map(|m| m.version), Some(3));
+        assert_eq!(applied(&Value::Nil).unwrap(), None);
         assert!(matches!(
-            applied(Value::Array(vec![Value::BulkString(b"conflict".to_vec())])),
+            applied(&Value::Array(vec![Value::BulkString(b"conflict".to_vec())])),
             Err(StoreError::Conflict)
         ));
         assert!(matches!(
-            applied(Value::Array(vec![
+            applied(&Value::Array(vec![
                 Value::BulkString(b"too_large".to_vec()),
                 Value::BulkString(b"99".to_vec())
             ])),
             Err(StoreError::TooLarge { size: 99, .. })
         ));
+        assert!(applied(&Value::BulkString(b"garbage".to_vec())).is_err());
     }
 }

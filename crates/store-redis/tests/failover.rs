@@ -166,19 +166,28 @@ struct Outcome {
 }
 
 /// 16 writers each add unique attributes to their own session without
-/// pause; the replica is stopped (SIGSTOP) for half a second, so it lags,
-/// and the master is SIGKILLed before the replica is let go on (SIGCONT):
-/// Sentinel promotes a replica that misses the last half second. Every
-/// acknowledged write is recorded and checked at the end through a fresh
-/// store (no cache).
+/// pause; the replica's network is cut (its own loopback address, dropped
+/// by the firewall) for half a second, so it lags, and the master is
+/// SIGKILLed before the cut heals: Sentinel promotes a replica that misses
+/// the last half second. (Stopping the replica with SIGSTOP does not make
+/// it lag reliably: the kernel keeps receiving the replication stream for
+/// it, and it catches up when continued.) Every acknowledged write is
+/// recorded and checked at the end through a fresh store (no cache).
 async fn lagging_replica_then_master_kill(
     name: &str,
+    replica_ip: [u8; 4],
     configure: fn(RedisStore) -> RedisStore,
 ) -> Outcome {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let mut set = RedisSentinels::start(name).await.unwrap();
+    let ip = std::net::IpAddr::from(replica_ip).to_string();
+    let mut set = RedisSentinels::start_with_replica(
+        name,
+        &["--bind", "127.0.0.1", &ip, "--bind-source-addr", &ip],
+    )
+    .await
+    .unwrap();
     let store = Arc::new(configure(RedisStore::open(&set.url()).unwrap()));
     let mut ids = Vec::new();
     for _ in 0..16 {
@@ -222,7 +231,7 @@ async fn lagging_replica_then_master_kill(
     })
     .await
     .unwrap();
-    set.replica.signal(tether_testkit::SIGSTOP);
+    let cut = tether_testkit::Isolation::isolate(replica_ip.into()).unwrap();
     let stopped = Instant::now();
     eventually(Duration::from_secs(5), "half a second of lag", || async {
         (stopped.elapsed() > Duration::from_millis(500)).then_some(())
@@ -231,7 +240,7 @@ async fn lagging_replica_then_master_kill(
     .unwrap();
     let old_master = set.master.port();
     set.master.stop().await;
-    set.replica.signal(tether_testkit::SIGCONT);
+    drop(cut);
     eventually(Duration::from_secs(30), "the replica promoted", || async {
         (set.master_port().await != Some(old_master)).then_some(())
     })
@@ -273,7 +282,7 @@ async fn lagging_replica_then_master_kill(
 /// control for the next test (the scenario does endanger writes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_wait_a_lagging_replica_loses_acknowledged_writes() {
-    let o = lagging_replica_then_master_kill("lagplain", |s| s).await;
+    let o = lagging_replica_then_master_kill("lagplain", [127, 0, 79, 1], |s| s).await;
     eprintln!("no WAIT: {o:?}");
     assert!(o.acked > 0, "{o:?}");
     assert!(
@@ -286,7 +295,7 @@ async fn without_wait_a_lagging_replica_loses_acknowledged_writes() {
 /// answered 503, never acknowledged: nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_a_lagging_replica_loses_no_acknowledged_write() {
-    let o = lagging_replica_then_master_kill("lagwait", |s| {
+    let o = lagging_replica_then_master_kill("lagwait", [127, 0, 79, 2], |s| {
         s.with_wait(1, Duration::from_millis(100))
             .with_near_cache(1000, 1 << 20)
     })

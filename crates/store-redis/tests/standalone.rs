@@ -2,17 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
-use axum::routing::{get, post};
-use axum::Router;
-use http_body_util::BodyExt;
-use tether::{Session, SessionError, SessionLayer};
+use axum::http::StatusCode;
 use tether_core::testing::record_with;
 use tether_core::{Load, SessionId, SessionStore, Timestamp};
 use tether_redis::RedisStore;
 use tether_testkit::RedisServer;
-use tower::ServiceExt;
+
+mod common;
+use common::{app, call, round_trips};
 
 async fn fixture() -> (RedisStore, RedisServer) {
     let server = RedisServer::start().await.expect("redis-server");
@@ -46,11 +43,14 @@ async fn a_session_is_one_readable_hash_with_a_ttl() {
         .unwrap();
     assert_eq!(fields["attr:loginMember"], "7");
     assert_eq!(fields["attr:cart"], "[\"book\"]");
-    // The metadata, packed: version,last,idle,deadline,created,size.
+    // The metadata, packed: version,last,idle,deadline,created,size,gc.
     let meta: Vec<u64> = fields["m"].split(',').map(|n| n.parse().unwrap()).collect();
-    assert_eq!(meta.len(), 6, "{fields:?}");
+    assert_eq!(meta.len(), 7, "{fields:?}");
     assert_eq!(meta[0], 1, "version");
     assert_eq!(meta[5], r.size() as u64, "size");
+    // Redis keeps the key a quarter of the inactivity window past the
+    // expiry, so most writes need no PEXPIRE.
+    assert_eq!(meta[6], meta[1] + meta[2] + meta[2] / 4, "gc");
     assert_eq!(
         fields.len(),
         3,
@@ -61,182 +61,90 @@ async fn a_session_is_one_readable_hash_with_a_ttl() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert!((1_700_000..=1_800_000).contains(&ttl), "{ttl}");
+    assert!((2_150_000..=2_250_000).contains(&ttl), "{ttl}");
 }
 
-async fn login(session: Session) -> Result<&'static str, SessionError> {
-    session.cycle_id().await?;
-    session.insert("loginMember", 7u64).await?;
-    Ok("ok")
-}
-
-async fn mypage(session: Session) -> Result<(StatusCode, String), SessionError> {
-    Ok(match session.get::<u64>("loginMember").await? {
-        Some(m) => (StatusCode::OK, m.to_string()),
-        None => (StatusCode::UNAUTHORIZED, "not logged in".into()),
-    })
-}
-
-async fn set(session: Session, body: String) -> Result<&'static str, SessionError> {
-    session.insert("theme", body).await?;
-    Ok("ok")
-}
-
-async fn cart(session: Session) -> Result<String, SessionError> {
-    let n = session
-        .modify("cart", |c: &mut Option<Vec<String>>| {
-            let c = c.get_or_insert_with(Vec::new);
-            c.push("book".into());
-            c.len()
+/// Calls of each command since the last reset, and resets.
+async fn calls(
+    c: &mut redis::aio::MultiplexedConnection,
+) -> std::collections::HashMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(c)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let n = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), n))
         })
-        .await?;
-    Ok(n.to_string())
+        .collect()
 }
 
-fn app(store: Arc<RedisStore>) -> Router {
-    Router::new()
-        .route("/login", post(login))
-        .route("/mypage", get(mypage))
-        .route("/set", post(set))
-        .route("/cart", post(cart))
-        .layer(SessionLayer::from_arc(store))
-}
-
-async fn call(
-    app: &Router,
-    method: &str,
-    path: &str,
-    cookie: Option<&str>,
-) -> (StatusCode, Option<String>, String) {
-    let mut req = Request::builder().method(method).uri(path);
-    if let Some(c) = cookie {
-        req = req.header(header::COOKIE, format!("SESSION={c}"));
-    }
-    let res = app
-        .clone()
-        .oneshot(req.body(Body::from("dark")).unwrap())
+/// A write after a read sends the metadata it read; Redis compares it and
+/// writes, without parsing or measuring anything. When another node wrote
+/// in between, the script does the work itself, and both changes survive.
+#[tokio::test]
+async fn a_write_after_a_read_takes_the_short_path_unless_another_wrote() {
+    let (a, server) = fixture().await;
+    let b = RedisStore::open(&server.url()).unwrap();
+    let now = Timestamp::now();
+    let r = record_with(now, &[("n", "1")]);
+    a.create(&r).await.unwrap();
+    let mut c = redis(&server).await;
+    let set = |name: &str, v: &str| {
+        let mut d = tether_core::Delta::default();
+        d.set(name, tether_core::testing::json(v));
+        d
+    };
+    a.load(&r.id, Load::at(now)).await.unwrap().unwrap();
+    calls(&mut c).await;
+    assert_eq!(a.apply(&r.id, &set("n", "2"), now).await.unwrap(), Some(2));
+    let short = calls(&mut c).await;
+    assert!(
+        !short.contains_key("hstrlen"),
+        "the long path ran: {short:?}"
+    );
+    // B writes behind A's back: A's base is stale.
+    b.load(&r.id, Load::at(now)).await.unwrap().unwrap();
+    assert_eq!(
+        b.apply(&r.id, &set("other", "true"), now).await.unwrap(),
+        Some(3)
+    );
+    calls(&mut c).await;
+    assert_eq!(a.apply(&r.id, &set("n", "3"), now).await.unwrap(), Some(4));
+    let long = calls(&mut c).await;
+    assert_eq!(long.get("hstrlen"), Some(&1), "{long:?}");
+    let back = a.load(&r.id, Load::at(now)).await.unwrap().unwrap();
+    assert_eq!(back.attributes["n"].get(), "3");
+    assert_eq!(back.attributes["other"].get(), "true");
+    assert_eq!(back.version, 4);
+    // The size kept by both paths is the size of what is there.
+    let m: String = redis::cmd("HGET")
+        .arg(a.key(&r.id))
+        .arg("m")
+        .query_async(&mut c)
         .await
         .unwrap();
-    let status = res.status();
-    let cookie = res
-        .headers()
-        .get(header::SET_COOKIE)
-        .map(|v| v.to_str().unwrap()[8..30].to_string());
-    let body =
-        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
-    (status, cookie, body)
-}
-
-/// Counts the commands clients send to a server (round trips), using
-/// MONITOR: commands a script runs are tagged `[0 lua]` and do not count.
-struct RoundTrips {
-    lines: Arc<std::sync::Mutex<Vec<String>>>,
-    probe: redis::aio::MultiplexedConnection,
-    marker: u32,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-impl RoundTrips {
-    async fn new(server: &RedisServer) -> Self {
-        use futures_util::StreamExt;
-        let client = redis::Client::open(server.url()).unwrap();
-        let monitor = client.get_async_monitor().await.unwrap();
-        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let task = tokio::spawn(async move {
-            let mut stream = monitor.into_on_message::<String>();
-            while let Some(line) = stream.next().await {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut rt = Self {
-            lines,
-            probe: redis(server).await,
-            marker: 0,
-            _task: task,
-        };
-        rt.take().await;
-        rt
-    }
-
-    /// Client commands since the last call.
-    async fn take(&mut self) -> usize {
-        self.marker += 1;
-        let marker = format!("tether-marker-{}", self.marker);
-        let _: String = redis::cmd("ECHO")
-            .arg(&marker)
-            .query_async(&mut self.probe)
-            .await
-            .unwrap();
-        let lines = self.lines.clone();
-        let m = marker.clone();
-        tether_testkit::eventually(
-            std::time::Duration::from_secs(5),
-            "the MONITOR marker",
-            || {
-                let found = lines.lock().unwrap().iter().any(|l| l.contains(&m));
-                async move { found.then_some(()) }
-            },
-        )
-        .await
-        .unwrap();
-        let mut lines = self.lines.lock().unwrap();
-        let at = lines.iter().position(|l| l.contains(&marker)).unwrap();
-        if std::env::var_os("SHOW_MONITOR").is_some() {
-            eprintln!("{:#?}", &lines[..at]);
-        }
-        // Commands a script runs are tagged `lua]`; `CLIENT CACHING` and
-        // `WAIT` only ever travel in the same pipeline as the command they
-        // serve (one write to the socket, one round trip); `HELLO` (and
-        // `CLIENT` settings) open a new connection, once in its life.
-        let n = lines[..at]
-            .iter()
-            .filter(|l| {
-                ![" lua]", "] \"CLIENT\"", "] \"WAIT\"", "] \"HELLO\""]
-                    .iter()
-                    .any(|skip| l.contains(skip))
-            })
-            .count();
-        lines.drain(..=at);
-        n
-    }
-}
-
-/// Round trips of each kind of request: `(read, blind write, create,
-/// rotate, read-then-write)`.
-async fn round_trips(store: RedisStore, server: &RedisServer) -> [usize; 5] {
-    let app = app(Arc::new(store));
-    let (_, cookie, _) = call(&app, "POST", "/login", None).await;
-    let id = cookie.unwrap();
-    // Warm up: each script is loaded into Redis on its first use.
-    let (_, warm, _) = call(&app, "POST", "/set", None).await;
-    call(&app, "POST", "/login", warm.as_deref()).await;
-    call(&app, "GET", "/mypage", Some(&id)).await;
-    call(&app, "POST", "/set", Some(&id)).await;
-    call(&app, "POST", "/cart", Some(&id)).await;
-    let mut c = RoundTrips::new(server).await;
-    let (status, _, body) = call(&app, "GET", "/mypage", Some(&id)).await;
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "7"));
-    let read = c.take().await;
-    call(&app, "POST", "/set", Some(&id)).await;
-    let write = c.take().await;
-    let (_, new_cookie, _) = call(&app, "POST", "/login", None).await;
-    assert!(new_cookie.is_some());
-    let create = c.take().await;
-    let (_, rotated, _) = call(&app, "POST", "/login", Some(&id)).await;
-    assert!(rotated.is_some());
-    let rotate = c.take().await;
-    let (_, _, n) = call(&app, "POST", "/cart", new_cookie.as_deref()).await;
-    assert_eq!(n, "1");
-    let rmw = c.take().await;
-    [read, write, create, rotate, rmw]
+    assert_eq!(m.split(',').nth(5), Some(back.size().to_string().as_str()));
 }
 
 #[tokio::test]
 async fn round_trips_per_request_are_counted() {
     let (store, server) = fixture().await;
     assert_eq!(
-        round_trips(store, &server).await,
+        round_trips(store, &[&server]).await,
         [1, 1, 1, 1, 2],
         "read, blind write, create, rotate, read-then-write: one each, two for the last"
     );
@@ -249,7 +157,7 @@ async fn the_near_cache_saves_the_read_round_trip() {
         .unwrap()
         .with_near_cache(1000, 1 << 20);
     assert_eq!(
-        round_trips(store, &server).await,
+        round_trips(store, &[&server]).await,
         [0, 1, 1, 1, 1],
         "read, blind write, create, rotate, read-then-write: the reads are local"
     );
@@ -264,7 +172,7 @@ async fn waiting_for_replicas_adds_no_round_trip() {
         .unwrap()
         .with_wait(0, std::time::Duration::from_millis(100))
         .with_near_cache(1000, 1 << 20);
-    assert_eq!(round_trips(store, &server).await, [0, 1, 1, 1, 1]);
+    assert_eq!(round_trips(store, &[&server]).await, [0, 1, 1, 1, 1]);
 }
 
 /// A write that `WAIT` could not promise is refused (503), though Redis

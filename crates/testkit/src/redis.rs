@@ -149,7 +149,21 @@ impl RedisServer {
 
 fn spawn(dir: &Path, port: u16, extra: &[&str]) -> Result<Child> {
     let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
-    args.extend(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"].map(String::from));
+    // Protected mode accepts 127.0.0.1 only; tests also connect from other
+    // loopback addresses (to cut them off). Every server binds loopback.
+    args.extend(
+        [
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(String::from),
+    );
     args.extend(["--dir".into(), dir.display().to_string()]);
     args.extend([
         "--logfile".into(),
@@ -233,9 +247,24 @@ impl RedisSentinels {
     /// # Errors
     /// If a process does not start or the set does not form within 30 s.
     pub async fn start(name: &str) -> Result<Self> {
+        Self::start_with_replica(name, &[]).await
+    }
+
+    /// As [`RedisSentinels::start`], the replica started with `extra`
+    /// configuration arguments too: `["--bind", "127.0.0.1", IP,
+    /// "--bind-source-addr", IP]` puts its replication link and the
+    /// sentinels' view of it on a loopback address of its own, which
+    /// [`crate::Isolation`] can cut (a replica that lags behind a network
+    /// fault, with nothing buffered by the kernel).
+    ///
+    /// # Errors
+    /// As [`RedisSentinels::start`].
+    pub async fn start_with_replica(name: &str, extra: &[&str]) -> Result<Self> {
         let master = RedisServer::start().await?;
         let mport = master.port().to_string();
-        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &mport]).await?;
+        let mut args = vec!["--replicaof", "127.0.0.1", &mport];
+        args.extend_from_slice(extra);
+        let replica = RedisServer::start_with(&args).await?;
         let rport = replica.port();
         eventually(
             Duration::from_secs(30),
