@@ -302,6 +302,13 @@ fn main() {
                 true,
             ),
         ];
+        if arg("--staleness-only", 0) == 1 {
+            println!("\n### Near-cache staleness\n");
+            for clients in [1, 16] {
+                staleness(&server.url(), pairs, clients).await;
+            }
+            return;
+        }
         let mut targets = Vec::new();
         for (name, app, cookie_name, redis) in peers {
             let addr = serve_on_own_core(app);
@@ -416,16 +423,19 @@ fn main() {
             }
         }
 
-        staleness(&server.url(), pairs).await;
+        println!("\n### Near-cache staleness\n");
+        for clients in [1, 16] {
+            staleness(&server.url(), pairs, clients).await;
+        }
         drop(replica);
     });
 }
 
 /// Two near-cached nodes on their own cores sharing Redis; for each pair,
 /// one client writes a fresh value on A and, once A answered, reads on B.
-/// A stale read is B answering the previous value. Sixteen such clients
+/// A stale read is B answering the previous value. `clients` such clients
 /// run at once, each on its own session.
-async fn staleness(url: &str, pairs: usize) {
+async fn staleness(url: &str, pairs: usize, clients: usize) {
     let node = |url: String| -> Box<dyn FnOnce() -> Router + Send> {
         Box::new(move || {
             tether_app(tether::SessionLayer::new(
@@ -437,7 +447,6 @@ async fn staleness(url: &str, pairs: usize) {
     };
     let a = serve_on_own_core(node(url.to_string()));
     let b = serve_on_own_core(node(url.to_string()));
-    let clients = 16;
     let each = pairs.div_ceil(clients);
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -471,7 +480,7 @@ async fn staleness(url: &str, pairs: usize) {
         stale += t.await.expect("client");
     }
     println!(
-        "\n### Near-cache staleness\n\n{} pairs (16 clients at once): write on node A, then the next request on node B: **{stale} stale reads**",
+        "{} pairs ({clients} clients at once): write on node A, then the next request on node B: **{stale} stale reads**",
         each * clients
     );
 }

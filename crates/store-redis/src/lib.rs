@@ -17,11 +17,14 @@
 //! - **A read is one `HGETALL`**: no script. Expiry is checked by the
 //!   client; the lazy refresh of the inactivity timer (a small script that
 //!   rewrites one field) runs only once a fraction of the window has passed.
-//! - **A write is one `EVALSHA`** of a script that reads one field (the
-//!   packed metadata), the lengths of the changed attributes only (the
-//!   session's size is kept, not recomputed), writes once and sets the TTL.
-//!   It refuses to resurrect a deleted or expired session, checks the size
-//!   limit and [`Delta::expect`]'s conditions before writing anything.
+//! - **A write is one `EVALSHA`.** The store sends the metadata it read
+//!   (it keeps the sessions it read lately); when Redis holds exactly that,
+//!   the script compares one string and writes what the store computed:
+//!   one `HSET`, and `PEXPIRE` only when the expiry passes the key's TTL
+//!   (kept a quarter of the inactivity window beyond it). Otherwise the
+//!   script does the work itself. Either way it refuses to resurrect a
+//!   deleted or expired session, and checks the size limit and
+//!   [`Delta::expect`]'s conditions before writing anything.
 //! - **Deltas.** A write carries only the attributes the request changed:
 //!   two requests changing different attributes both survive, and a 10 KB
 //!   session changed by one attribute sends one attribute.
