@@ -44,6 +44,45 @@ pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port().expect("a free port")))
 }
 
+/// Waits (up to `within` per node) until every node of a replicated fleet
+/// (`name`, HTTP address) sees exactly these nodes, this life of each (a
+/// restarted node is a new member), and says it is fully replicated: the
+/// next node of a deploy may go.
+///
+/// # Errors
+/// Naming the first node that did not settle in time.
+pub async fn cluster_settled(
+    nodes: &[(String, SocketAddr)],
+    within: Duration,
+) -> crate::Result<()> {
+    let stats = |http: SocketAddr| async move {
+        let url = format!("http://{http}/stats");
+        Client::new().get(&url).await.ok()?.json().ok()
+    };
+    let mut lives = Vec::new();
+    for (n, http) in nodes {
+        let g = eventually(within, "the node's generation", || async {
+            stats(*http).await?["cluster"]["generation"].as_u64()
+        })
+        .await
+        .map_err(|e| format!("{n}: {e}"))?;
+        lives.push(format!("{n}@{g}"));
+    }
+    lives.sort();
+    for (n, http) in nodes {
+        eventually(within, "every node fully replicated", || async {
+            let s: Value = stats(*http).await?;
+            let c = &s["cluster"];
+            let mut members: Vec<String> = serde_json::from_value(c["members"].clone()).ok()?;
+            members.sort();
+            (members == lives && c["fully_replicated"] == true).then_some(())
+        })
+        .await
+        .map_err(|e| format!("{n}: {e}"))?;
+    }
+    Ok(())
+}
+
 impl Fleet {
     /// Starts nodes `names` of `bin` (`tether`) in replication `mode`
     /// (`backup` or `all`), the balancer, and waits until every node is
@@ -144,16 +183,9 @@ impl Fleet {
     }
 
     fn write_config(&self, names: &[&str]) {
-        let mut text = String::from(
-            "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\npolicy = \"owner\"\n[health]\ninterval_ms = 200\n",
-        );
-        for n in names {
-            text.push_str(&format!(
-                "[[backend]]\nid = \"{n}\"\naddr = \"{}\"\n",
-                self.nodes[*n].http
-            ));
-        }
-        std::fs::write(&self.config, text).unwrap();
+        let backends: Vec<(&str, SocketAddr)> =
+            names.iter().map(|n| (*n, self.nodes[*n].http)).collect();
+        std::fs::write(&self.config, crate::lb_config("owner", &backends)).unwrap();
     }
 
     /// The balancer.
@@ -210,34 +242,17 @@ impl Fleet {
     /// # Panics
     /// After 60 s.
     pub async fn wait_replicated(&self) {
-        let running = self.running();
-        let mut lives = Vec::new();
-        for n in &running {
-            let g = eventually(Duration::from_secs(30), "the node's generation", || async {
-                self.stats(n).await?["cluster"]["generation"].as_u64()
+        let running: Vec<(String, SocketAddr)> = self
+            .running()
+            .into_iter()
+            .map(|n| {
+                let http = self.nodes[&n].http;
+                (n, http)
             })
-            .await
-            .expect("a generation");
-            lives.push(format!("{n}@{g}"));
-        }
-        for n in &running {
-            let want = lives.clone();
-            eventually(
-                Duration::from_secs(60),
-                "every node fully replicated",
-                || {
-                    let want = want.clone();
-                    async move {
-                        let s = self.stats(n).await?;
-                        let c = &s["cluster"];
-                        let members: Vec<String> =
-                            serde_json::from_value(c["members"].clone()).ok()?;
-                        (members == want && c["fully_replicated"] == true).then_some(())
-                    }
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{n}: {e}\n{}", self.log(n)));
+            .collect();
+        if let Err(e) = cluster_settled(&running, Duration::from_secs(60)).await {
+            let logs: Vec<String> = running.iter().map(|(n, _)| self.log(n)).collect();
+            panic!("{e}\n{}", logs.join("\n"));
         }
     }
 

@@ -92,6 +92,19 @@ pub fn lb_args(policy: &str, backends: &[(&str, SocketAddr)]) -> Vec<String> {
     args
 }
 
+/// A `tether lb --config` file: free loopback ports (client and admin),
+/// `policy` over `backends` (`ID`, address), health checks every 200 ms. A
+/// reload (`POST /reload` on the admin address) reads it again.
+pub fn lb_config(policy: &str, backends: &[(&str, SocketAddr)]) -> String {
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\npolicy = \"{policy}\"\n[health]\ninterval_ms = 200\n"
+    );
+    for (id, addr) in backends {
+        text.push_str(&format!("[[backend]]\nid = \"{id}\"\naddr = \"{addr}\"\n"));
+    }
+    text
+}
+
 impl Process {
     /// Starts `bin args…` and waits (up to 30 s) for its `listening on` line.
     ///
@@ -260,6 +273,36 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The processes whose environment holds `key=value`, with their command
+/// lines: whatever a test started with that variable set, however far its
+/// descendants moved away (a new session, a new parent). This process is
+/// left out.
+pub fn processes_with_env(key: &str, value: &str) -> Vec<(u32, String)> {
+    let needle = format!("{key}={value}");
+    let me = std::process::id();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // Gone meanwhile, or not ours to read: not ours to care about.
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    found
 }
 
 /// Sends `sig` to `child` unless it has been reaped.
