@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgAction, Parser, Subcommand};
+use tether_cli::demo::{Scenario, Tracker};
 use tether_cli::node::{NodeConfig, StoreSpec};
+use tether_cli::strategy::Strategy;
 
 // glibc malloc returned and re-grew the heap with `brk` hundreds of times a
 // second under proxy load; mimalloc keeps per-thread pages.
@@ -43,7 +45,7 @@ struct UpArgs {
     /// local, sticky-ip, sticky-cookie, replicated-all, replicated-backup, redis,
     /// sticky-redis or jwt.
     #[arg(long, default_value = "replicated-backup")]
-    strategy: String,
+    strategy: Strategy,
     /// Where the app (the load balancer) listens.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -253,25 +255,34 @@ fn parse_wait(s: &str) -> Result<(u32, Duration), String> {
 
 #[derive(clap::Args, Debug)]
 struct DemoArgs {
-    /// Print the results as JSON instead of a table.
+    /// Print the results as JSON instead of tables.
     #[arg(long)]
     json: bool,
-    /// Virtual users per strategy.
-    #[arg(long, default_value_t = 200)]
+    /// What happens to each fleet: kill, scale-out, rolling-restart,
+    /// store-outage (comma-separated), or all.
+    #[arg(long, value_delimiter = ',', default_value = "kill,scale-out")]
+    scenario: Vec<String>,
+    /// Virtual users per run.
+    #[arg(long, default_value_t = 100)]
     users: usize,
-    /// Requests per user after its login.
-    #[arg(long, default_value_t = 12)]
-    requests: usize,
-    /// Use this Redis instead of starting a private redis-server.
+    /// Requests per second, all users together.
+    #[arg(long, default_value_t = 400)]
+    rate: u32,
+    /// Seconds the users shop in a run (the event comes a third of the way
+    /// in; a deploy or an outage runs until it is over and a second more).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Use this Redis instead of starting a private redis-server (the
+    /// store-outage scenario always starts its own Sentinel set).
     #[arg(long)]
     redis_url: Option<String>,
     /// Run only these strategies (comma-separated).
     #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
+    only: Vec<Strategy>,
     /// Also measure replication cost at these cluster sizes, e.g. 2,3,5,8.
     #[arg(long, value_delimiter = ',')]
     sweep_nodes: Vec<usize>,
-    /// Also write one self-contained HTML page with the table and charts.
+    /// Also write one self-contained HTML page with the tables and charts.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
 }
@@ -319,12 +330,6 @@ fn run() -> anyhow::Result<ExitCode> {
             Command::Demo(args) => demo(args).await,
             Command::Lb(args) => lb(*args).await,
             Command::Up(args) => {
-                anyhow::ensure!(
-                    tether_cli::demo::STRATEGIES.contains(&args.strategy.as_str()),
-                    "--strategy {:?}: use {}",
-                    args.strategy,
-                    tether_cli::demo::STRATEGIES.join(", ")
-                );
                 let bin = std::env::current_exe().context("locating the tether executable")?;
                 let config = tether_cli::up::UpConfig {
                     strategy: args.strategy,
@@ -523,48 +528,90 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    for s in &args.only {
-        anyhow::ensure!(
-            tether_cli::demo::STRATEGIES.contains(&s.as_str()),
-            "--only {s:?}: use {}",
-            tether_cli::demo::STRATEGIES.join(", ")
-        );
+/// The scenarios `--scenario` names, in the order they run.
+fn scenarios(names: &[String]) -> anyhow::Result<Vec<Scenario>> {
+    let mut chosen = Vec::new();
+    for name in names {
+        if name == "all" {
+            chosen.extend(Scenario::ALL);
+        } else {
+            chosen.push(
+                name.parse()
+                    .map_err(|e: String| anyhow::anyhow!("--scenario: {e}"))?,
+            );
+        }
     }
+    Ok(Scenario::ALL
+        .into_iter()
+        .filter(|s| chosen.contains(s))
+        .collect())
+}
+
+/// Follows the demo on stderr: a progress bar with the time left on a
+/// terminal, a line per run otherwise.
+fn follow(tracker: Tracker) -> tokio::task::JoinHandle<()> {
+    use std::io::Write as _;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tokio::spawn(async move {
+        let mut last = String::new();
+        loop {
+            let p = tracker.now();
+            if tty {
+                eprint!("\r\x1b[2K{}", tether_cli::demo::progress_line(&p));
+                let _ = std::io::stderr().flush();
+            } else if p.current != last && !p.current.is_empty() {
+                eprintln!("… {} (run {} of {})", p.current, p.done + 1, p.total);
+                last.clone_from(&p.current);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+}
+
+async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(
-        args.users > 0 && args.requests > 0,
-        "--users and --requests must be positive"
+        args.users > 0 && args.rate > 0,
+        "--users and --rate must be positive"
+    );
+    anyhow::ensure!(
+        args.seconds.is_finite() && (0.5..=3600.0).contains(&args.seconds),
+        "--seconds: from 0.5 to 3600"
+    );
+    anyhow::ensure!(
+        args.sweep_nodes.iter().all(|n| (1..=16).contains(n)),
+        "--sweep-nodes: sizes from 1 to 16"
     );
     let bin = tether_cli::demo::this_binary().context("locating the tether executable")?;
     let config = tether_cli::demo::DemoConfig {
         users: args.users,
-        requests: args.requests,
+        rate: args.rate,
+        duration: Duration::from_secs_f64(args.seconds),
+        scenarios: scenarios(&args.scenario)?,
         redis_url: args.redis_url,
         only: args.only,
-        progress_bar: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        ..Default::default()
     };
     let quiet = args.json;
-    let run = tether_cli::demo::run(&bin, &config, |msg| {
+    let mut follower = None;
+    let run = tether_cli::demo::run(&bin, &config, |tracker| {
         if !quiet {
-            eprintln!("… {msg}");
+            follower = Some(follow(tracker));
         }
     });
     // Ctrl-C stops the run; dropping it kills every process it started.
     let rows = tokio::select! {
         rows = run => rows,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted: stopping every process the demo started");
+            eprintln!("\ninterrupted: stopping every process the demo started");
             return Ok(ExitCode::from(130));
         }
     };
+    if let Some(f) = follower {
+        f.abort();
+        eprintln!();
+    }
     let sweep = if args.sweep_nodes.is_empty() {
         None
     } else {
-        anyhow::ensure!(
-            args.sweep_nodes.iter().all(|n| (1..=16).contains(n)),
-            "--sweep-nodes: sizes from 1 to 16"
-        );
         if !quiet {
             eprintln!("… sweeping cluster sizes {:?}", args.sweep_nodes);
         }
@@ -575,11 +622,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         )
     };
     if let Some(path) = &args.report {
-        let mut table = tether_cli::demo::render(&rows, &config);
-        if let Some(s) = &sweep {
-            table.push_str(&tether_cli::demo::render_sweep(s));
-        }
-        let page = tether_cli::report::html(&rows, &table, sweep.as_deref())
+        let page = tether_cli::demo::report::html(&rows, &config, sweep.as_deref())
             .map_err(|e| anyhow::anyhow!("report: {e}"))?;
         std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))?;
         if !quiet {

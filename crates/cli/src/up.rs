@@ -20,38 +20,30 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tether_testkit::{Client, Process, RedisServer};
+use tether_testkit::{Client, RedisServer};
 use tokio::sync::Mutex;
 
-use crate::demo::{policy_of, strategy_node_args, wait_ready};
+use crate::fleet::Fleet;
+use crate::strategy::Strategy;
 
 /// Settings of `tether up`.
 #[derive(Debug, Clone)]
 pub struct UpConfig {
     /// The strategy.
-    pub strategy: String,
+    pub strategy: Strategy,
     /// Where the app (the balancer) listens.
     pub listen: SocketAddr,
     /// Where the dashboard listens.
     pub dashboard: SocketAddr,
-    /// An existing Redis for the `redis` strategy.
+    /// An existing Redis for the Redis strategies.
     pub redis_url: Option<String>,
 }
 
-struct Slot {
-    id: &'static str,
-    http: SocketAddr,
-    process: Option<Process>,
-}
-
 struct Up {
-    bin: PathBuf,
-    strategy: String,
+    strategy: Strategy,
     app: SocketAddr,
-    slots: Mutex<Vec<Slot>>,
+    fleet: Mutex<Fleet>,
     lb: tether_lb::Handle,
-    dir: tempfile::TempDir,
-    redis: Option<String>,
 }
 
 /// Starts everything; serves until `shutdown`, then stops everything.
@@ -63,73 +55,38 @@ pub async fn run(
     config: UpConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let _private_redis;
-    let redis = match (&config.redis_url, config.strategy.as_str()) {
+    let mut private_redis = None;
+    let redis = match (&config.redis_url, config.strategy.needs_redis()) {
         (Some(u), _) => Some(u.clone()),
-        (None, s) if crate::demo::uses_redis(s) => {
+        (None, true) => {
             let r = RedisServer::start().await.map_err(|e| e.to_string())?;
             let url = r.url();
-            _private_redis = r;
+            private_redis = Some(r);
             Some(url)
         }
-        _ => None,
+        (None, false) => None,
     };
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let mut slots = Vec::new();
-    for id in ["A", "B", "C"] {
-        let seed = slots
-            .first()
-            .and_then(|s: &Slot| s.process.as_ref()?.addrs().get(1).copied());
-        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let (args, n) = strategy_node_args(
-            &config.strategy,
-            id,
-            any,
-            seed,
-            dir.path(),
-            redis.as_deref(),
-        )?;
-        let p = Process::spawn_n(&bin, &args, n)
-            .await
-            .map_err(|e| e.to_string())?;
-        slots.push(Slot {
-            id,
-            http: p.addr(),
-            process: Some(p),
-        });
-    }
-    wait_ready(
-        &slots
-            .iter()
-            .filter_map(|s| s.process.as_ref())
-            .collect::<Vec<_>>(),
-        3,
-    )
-    .await?;
-
-    let policy: tether_lb::PolicyKind = policy_of(&config.strategy).parse()?;
-    let backends = slots
-        .iter()
-        .map(|s| tether_lb::BackendConfig {
-            id: s.id.into(),
-            addr: s.http.to_string(),
+    let fleet = Fleet::start(&bin, config.strategy, &["A", "B", "C"], redis).await?;
+    let backends = fleet
+        .backends()
+        .into_iter()
+        .map(|(id, addr)| tether_lb::BackendConfig {
+            id: id.into(),
+            addr: addr.to_string(),
             weight: 1,
         })
         .collect();
-    let mut lb_config = tether_lb::Config::new(config.listen, policy, backends);
+    let mut lb_config = tether_lb::Config::new(config.listen, config.strategy.policy(), backends);
     lb_config.health.interval_ms = 500;
     let balancer = tether_lb::Balancer::bind(lb_config, None)
         .await
         .map_err(|e| e.to_string())?;
     let app = balancer.local_addr().map_err(|e| e.to_string())?;
     let up = Arc::new(Up {
-        bin,
-        strategy: config.strategy.clone(),
+        strategy: config.strategy,
         app,
-        slots: Mutex::new(slots),
+        fleet: Mutex::new(fleet),
         lb: balancer.handle(),
-        dir,
-        redis,
     });
     let listener = tokio::net::TcpListener::bind(config.dashboard)
         .await
@@ -161,8 +118,9 @@ pub async fn run(
         .map_err(|e| e.to_string())?;
     let _ = stop_tx.send(true);
     let _ = lb_task.await;
-    // Dropping the slots kills the nodes; the temp dir goes with `up`.
-    up.slots.lock().await.clear();
+    // Dropping the fleet kills the nodes; then the private Redis goes.
+    drop(up);
+    drop(private_redis);
     Ok(())
 }
 
@@ -171,16 +129,17 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
     let mut nodes = Vec::new();
     // Copy what is needed and let go of the lock: a slow node must not hold
     // up the kill and restart buttons.
-    let slots: Vec<(&'static str, SocketAddr, bool)> = up
-        .slots
+    let members: Vec<(String, SocketAddr, bool)> = up
+        .fleet
         .lock()
         .await
+        .nodes()
         .iter()
-        .map(|s| (s.id, s.http, s.process.is_some()))
+        .map(|n| (n.id.clone(), n.http, n.is_running()))
         .collect();
-    for (id, http, running) in slots {
+    for (id, http, running) in members {
         let stats = if running {
-            match Client::new().get(&format!("http://{}/stats", http)).await {
+            match Client::new().get(&format!("http://{http}/stats")).await {
                 Ok(r) => r.json().unwrap_or_default(),
                 Err(_) => serde_json::Value::Null,
             }
@@ -189,7 +148,7 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
         };
         let metrics = if running {
             Client::new()
-                .get(&format!("http://{}/metrics", http))
+                .get(&format!("http://{http}/metrics"))
                 .await
                 .map(|r| r.text())
                 .unwrap_or_default()
@@ -201,7 +160,7 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
             .then(|| crate::demo::metric(&metrics, "tether_cluster_replication_messages_total"));
         let lb_state = status["backends"]
             .as_array()
-            .and_then(|b| b.iter().find(|b| b["id"] == id))
+            .and_then(|b| b.iter().find(|b| b["id"] == id.as_str()))
             .map(|b| b["state"].clone())
             .unwrap_or_default();
         nodes.push(json!({
@@ -215,59 +174,48 @@ async fn state(State(up): State<Arc<Up>>) -> Json<serde_json::Value> {
         }));
     }
     Json(json!({
-        "strategy": up.strategy,
-        "policy": policy_of(&up.strategy),
+        "strategy": up.strategy.name(),
+        "policy": up.strategy.policy_name(),
         "app": format!("http://{}", up.app),
         "nodes": nodes,
     }))
 }
 
-async fn kill(State(up): State<Arc<Up>>, Path(id): Path<String>) -> Response {
-    let mut slots = up.slots.lock().await;
-    let Some(slot) = slots.iter_mut().find(|s| s.id == id) else {
-        return (StatusCode::NOT_FOUND, "no such node").into_response();
-    };
-    match slot.process.take() {
-        Some(mut p) => {
-            // SIGKILL, as a crash: no draining, no goodbye.
-            p.kill().await;
-            Json(json!({ "killed": id })).into_response()
+/// Whether node `id` exists (404 if not) and runs as `running` wants (409 if not).
+fn check(fleet: &Fleet, id: &str, running: bool) -> Result<(), (StatusCode, &'static str)> {
+    match fleet.nodes().iter().find(|n| n.id == id) {
+        None => Err((StatusCode::NOT_FOUND, "no such node")),
+        Some(n) if n.is_running() != running => {
+            let why = if running {
+                "already down"
+            } else {
+                "already running"
+            };
+            Err((StatusCode::CONFLICT, why))
         }
-        None => (StatusCode::CONFLICT, "already down").into_response(),
+        Some(_) => Ok(()),
+    }
+}
+
+async fn kill(State(up): State<Arc<Up>>, Path(id): Path<String>) -> Response {
+    let mut fleet = up.fleet.lock().await;
+    if let Err(refused) = check(&fleet, &id, true) {
+        return refused.into_response();
+    }
+    // SIGKILL, as a crash: no draining, no goodbye.
+    match fleet.kill(&id).await {
+        Ok(()) => Json(json!({ "killed": id })).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
 }
 
 async fn restart(State(up): State<Arc<Up>>, Path(id): Path<String>) -> Response {
-    let mut slots = up.slots.lock().await;
-    let seed = slots
-        .iter()
-        .filter(|s| s.id != id)
-        .find_map(|s| s.process.as_ref()?.addrs().get(1).copied());
-    let Some(slot) = slots.iter_mut().find(|s| s.id == id) else {
-        return (StatusCode::NOT_FOUND, "no such node").into_response();
-    };
-    if slot.process.is_some() {
-        return (StatusCode::CONFLICT, "already running").into_response();
+    let mut fleet = up.fleet.lock().await;
+    if let Err(refused) = check(&fleet, &id, false) {
+        return refused.into_response();
     }
-    let args = strategy_node_args(
-        &up.strategy,
-        slot.id,
-        slot.http,
-        seed,
-        up.dir.path(),
-        up.redis.as_deref(),
-    );
-    let started = match args {
-        Ok((args, n)) => Process::spawn_n(&up.bin, &args, n)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e),
-    };
-    match started {
-        Ok(p) => {
-            slot.process = Some(p);
-            Json(json!({ "restarted": id })).into_response()
-        }
+    match fleet.boot(&id).await {
+        Ok(()) => Json(json!({ "restarted": id })).into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
     }
 }
@@ -323,7 +271,7 @@ async fn page(State(up): State<Arc<Up>>) -> Html<String> {
     Html(
         DASHBOARD
             .replace("{{APP}}", &format!("http://{}", up.app))
-            .replace("{{STRATEGY}}", &up.strategy),
+            .replace("{{STRATEGY}}", up.strategy.name()),
     )
 }
 
