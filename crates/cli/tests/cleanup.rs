@@ -12,23 +12,10 @@ fn bin() -> &'static Path {
 
 /// Command lines of the processes that inherited `marker` in their environment.
 fn carrying(marker: &str) -> Vec<String> {
-    let needle = format!("TETHER_TEST_MARKER={marker}");
-    let me = std::process::id().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
-            continue;
-        }
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            found.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
-        }
-    }
-    found
+    tether_testkit::processes_with_env("TETHER_TEST_MARKER", marker)
+        .into_iter()
+        .map(|(_, cmd)| cmd)
+        .collect()
 }
 
 async fn nothing_left(marker: &str, tmp: Option<&Path>) {
@@ -47,16 +34,20 @@ async fn nothing_left(marker: &str, tmp: Option<&Path>) {
     }
 }
 
-fn demo(marker: &str, tmp: &Path, users: &str) -> tokio::process::Command {
+fn demo(marker: &str, tmp: &Path, seconds: &str) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(bin());
     cmd.args([
         "demo",
         "--only",
         "local,replicated-backup,redis",
+        "--scenario",
+        "kill",
         "--users",
-        users,
-        "--requests",
-        "4",
+        "5",
+        "--rate",
+        "50",
+        "--seconds",
+        seconds,
         "--json",
     ])
     .env("TETHER_TEST_MARKER", marker)
@@ -71,7 +62,7 @@ async fn a_finished_interrupted_or_killed_demo_leaves_nothing_behind() {
     // Finished.
     let marker = tether_core::SessionId::random().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let status = demo(&marker, tmp.path(), "5").status().await.unwrap();
+    let status = demo(&marker, tmp.path(), "1").status().await.unwrap();
     assert!(status.success());
     nothing_left(&marker, Some(tmp.path())).await;
 
@@ -79,7 +70,7 @@ async fn a_finished_interrupted_or_killed_demo_leaves_nothing_behind() {
     for signal in [tether_testkit::SIGINT, tether_testkit::SIGKILL] {
         let marker = tether_core::SessionId::random().to_string();
         let tmp = tempfile::tempdir().unwrap();
-        let mut child = demo(&marker, tmp.path(), "100000").spawn().unwrap();
+        let mut child = demo(&marker, tmp.path(), "3600").spawn().unwrap();
         eventually(
             Duration::from_secs(20),
             "the demo's nodes running",
