@@ -1013,3 +1013,134 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
     }));
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(scenario: Scenario, strategy: Strategy) -> Row {
+        let mut r = Row::new(scenario, strategy);
+        r.users = 30;
+        r
+    }
+
+    fn verdict(claims: &[Claim], column: &str, brief: &str) -> Verdict {
+        claims
+            .iter()
+            .find(|c| c.column == column && c.brief.starts_with(brief))
+            .unwrap_or_else(|| panic!("no claim {column} / {brief}"))
+            .verdict
+    }
+
+    #[test]
+    fn verdicts_follow_the_figures_they_quote() {
+        let mut ip = row(Scenario::Kill, Strategy::StickyIp);
+        ip.users_logged_out_after_kill = 10;
+        let mut backup = row(Scenario::Kill, Strategy::ReplicatedBackup);
+        backup.acknowledged_writes_lost = 0;
+        let mut all = row(Scenario::ScaleOut, Strategy::ReplicatedAll);
+        all.replication_messages_per_write = Some(2.0);
+        all.replication_messages_per_write_after_join = Some(3.0);
+        let claims = claims(&[ip.clone(), backup.clone(), all.clone()]);
+        assert_eq!(
+            verdict(&claims, "Sticky Session", "세션 유실"),
+            Verdict::Confirmed
+        );
+        assert_eq!(
+            verdict(&claims, "세션 클러스터링", "복제본으로 복구"),
+            Verdict::Confirmed
+        );
+        assert_eq!(
+            verdict(&claims, "세션 클러스터링", "복제 비용 증가"),
+            Verdict::Confirmed
+        );
+        // One message more per node is linear, not exponential.
+        assert_eq!(
+            verdict(&claims, "세션 클러스터링", "복제 비용 기하급수적"),
+            Verdict::Corrected
+        );
+        // Not run: not measured, whatever the other rows say.
+        assert_eq!(
+            verdict(&claims, "외부 세션 저장소", "Redis HA"),
+            Verdict::NotMeasured
+        );
+
+        // The same claims, contradicted by the figures.
+        ip.users_logged_out_after_kill = 0;
+        backup.users_logged_out = 3;
+        all.replication_messages_per_write_after_join = Some(2.0);
+        let claims = super::claims(&[ip, backup, all]);
+        assert_eq!(
+            verdict(&claims, "Sticky Session", "세션 유실"),
+            Verdict::Corrected
+        );
+        assert_eq!(
+            verdict(&claims, "세션 클러스터링", "복제본으로 복구"),
+            Verdict::Corrected
+        );
+        assert_eq!(
+            verdict(&claims, "세션 클러스터링", "복제 비용 증가"),
+            Verdict::Corrected
+        );
+    }
+
+    #[test]
+    fn a_skipped_row_measures_nothing() {
+        let mut ip = row(Scenario::Kill, Strategy::StickyIp);
+        ip.users_logged_out_after_kill = 10;
+        ip.skipped = Some("could not start".into());
+        let claims = claims(&[ip]);
+        assert_eq!(
+            verdict(&claims, "Sticky Session", "세션 유실"),
+            Verdict::NotMeasured
+        );
+    }
+
+    #[test]
+    fn answers_land_in_windows_by_when_they_arrived() {
+        use tether_testkit::{Seen, Step};
+        let t0 = Instant::now();
+        let seen = |user, sent_ms: u64, took_ms: u64, status: Option<u16>, out: bool| Seen {
+            user,
+            at: t0 + Duration::from_millis(sent_ms),
+            took: Duration::from_millis(took_ms),
+            step: Step::Read,
+            status,
+            node: Some("A".into()),
+            logged_out: out,
+        };
+        let mut r = row(Scenario::Kill, Strategy::StickyCookie);
+        r.events.push(Event {
+            at_ms: 250.0,
+            what: "B killed".into(),
+        });
+        let tally = Tally {
+            users: 2,
+            requests: 4,
+            logged_out: 1,
+            ..Tally::default()
+        };
+        let answers = [
+            seen(0, 10, 5, Some(200), false),
+            // Sent before the kill, answered after it: after.
+            seen(1, 240, 30, None, false),
+            seen(1, 300, 5, Some(401), true),
+            seen(0, 320, 5, Some(200), false),
+        ];
+        r.answers(&tally, &answers, t0, Duration::from_millis(400));
+        assert_eq!(r.timeline.ok, [1, 0, 0, 1, 0]);
+        assert_eq!(r.timeline.failed, [0, 0, 1, 0, 0]);
+        assert_eq!(r.timeline.logged_out, [0, 0, 0, 1, 0]);
+        assert_eq!((r.failed_before_kill, r.failed_after_kill), (0, 1));
+        assert_eq!(
+            (
+                r.users_logged_out_before_kill,
+                r.users_logged_out_after_kill
+            ),
+            (0, 1)
+        );
+        // From the kill to the end of the last window with trouble.
+        assert_eq!(r.disrupted_ms, 150.0);
+        assert_eq!(r.failures.get("no answer"), Some(&1));
+    }
+}

@@ -46,11 +46,11 @@ pub(crate) async fn log_in_then_next_page(base: &str) -> (String, String, bool) 
 }
 
 /// Logs `n` users in through `base`; returns them and, for each user who
-/// could not log in, why. A refused login is tried again for a second:
-/// a fleet that refuses longer than that is a finding, reported as such.
+/// could not log in, why. A refused login is tried again for a moment: a
+/// ready fleet that refuses longer than that is a finding, reported as such.
 pub(crate) async fn log_in(base: &str, n: usize) -> (Shoppers, Vec<String>) {
     let clients = (0..n).map(user_client).collect();
-    Shoppers::log_in_as(base, clients, Duration::from_secs(1)).await
+    Shoppers::log_in_as(base, clients, Duration::from_millis(300)).await
 }
 
 /// Users shopping, against a clock that started when they did.
