@@ -19,9 +19,8 @@ use http::Method;
 use serde_json::{json, Value};
 use tether_testkit::{eventually, free_port, processes_with_env, Client, Process};
 
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tether"))
-}
+mod common;
+use common::bin;
 
 /// The W3C WebDriver element key.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -449,9 +448,8 @@ async fn report() -> (PathBuf, Option<tempfile::TempDir>) {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.html");
-    let out = tokio::process::Command::new(bin())
-        .args([
-            "demo",
+    common::demo(
+        &[
             "--scenario",
             "all",
             "--only",
@@ -462,18 +460,10 @@ async fn report() -> (PathBuf, Option<tempfile::TempDir>) {
             "100",
             "--seconds",
             "1.5",
-            "--json",
-            "--report",
-        ])
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+        Some(&path),
+    )
+    .await;
     (path, Some(dir))
 }
 
@@ -502,6 +492,18 @@ return {
 };
 "#;
 
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v}"))
+}
+
+fn texts(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(text)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_report_reads_at_a_laptops_width_with_every_scenario_charted() {
     let (path, _dir) = report().await;
@@ -513,36 +515,20 @@ async fn the_report_reads_at_a_laptops_width_with_every_scenario_charted() {
         "scrolls sideways at {WIDTH} px: {facts}"
     );
     let scenarios = facts["scenarios"].as_array().unwrap();
-    let ids: Vec<&str> = scenarios
-        .iter()
-        .map(|s| s["id"].as_str().unwrap())
-        .collect();
+    let ids: Vec<&str> = scenarios.iter().map(|s| text(&s["id"])).collect();
     assert_eq!(
         ids,
         ["kill", "scale-out", "rolling-restart", "store-outage"],
         "every scenario, in order"
     );
     for s in scenarios {
-        let strategies: Vec<&str> = s["strategies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let strategies = texts(&s["strategies"]);
         assert!(!strategies.is_empty(), "{s}");
         let timelines = s["timelines"].as_array().unwrap();
-        let charted: Vec<&str> = timelines
-            .iter()
-            .map(|t| t["strategy"].as_str().unwrap())
-            .collect();
+        let charted: Vec<&str> = timelines.iter().map(|t| text(&t["strategy"])).collect();
         assert_eq!(charted, strategies, "a timeline per strategy: {s}");
         for t in timelines {
-            let legend: Vec<&str> = t["legend"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
+            let legend = texts(&t["legend"]);
             for entry in ["ok", "logged out", "failed", "event (numbered below)"] {
                 assert!(legend.contains(&entry), "legend without {entry:?}: {t}");
             }
@@ -550,12 +536,7 @@ async fn the_report_reads_at_a_laptops_width_with_every_scenario_charted() {
             assert!(t["bars"].as_u64().unwrap() > 10, "answers drawn: {t}");
             assert_eq!(t["overflows"], false, "{t}");
         }
-        let nodes: Vec<&str> = s["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_str().unwrap())
-            .collect();
+        let nodes = texts(&s["nodes"]);
         for node in ["node A", "node B", "node C"] {
             assert!(nodes.contains(&node), "node colours explained: {s}");
         }

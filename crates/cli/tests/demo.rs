@@ -1,30 +1,14 @@
 //! `tether demo` end to end with small workloads: every scenario, and the
 //! measured rows must say what each strategy is known to do.
 
-use std::path::Path;
+mod common;
 
 use serde_json::Value;
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tether"))
-}
 
 /// `tether demo ARGS --json`: the rows, after checking every row carries
 /// the fixed keys.
 async fn demo(args: &[&str]) -> Vec<Value> {
-    let out = tokio::process::Command::new(bin())
-        .arg("demo")
-        .args(args)
-        .arg("--json")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<Value> = serde_json::from_slice(&common::demo(args, None).await).unwrap();
     for r in &rows {
         for key in [
             "scenario",
@@ -234,9 +218,8 @@ async fn a_deploy_and_a_store_outage_show_who_keeps_their_users() {
 async fn the_sweep_and_the_report_fetch_nothing_from_the_network() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("report.html");
-    let out = tokio::process::Command::new(bin())
-        .args([
-            "demo",
+    let out = common::demo(
+        &[
             "--scenario",
             "kill",
             "--only",
@@ -249,19 +232,11 @@ async fn the_sweep_and_the_report_fetch_nothing_from_the_network() {
             "1",
             "--sweep-nodes",
             "2,3",
-            "--json",
-            "--report",
-        ])
-        .arg(&path)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        ],
+        Some(&path),
+    )
+    .await;
+    let doc: Value = serde_json::from_slice(&out).unwrap();
     let sweep = doc["sweep"].as_array().unwrap();
     let messages = |s: &str, n: u64| {
         sweep

@@ -115,6 +115,29 @@ impl Plan {
         }
     }
 
+    /// Tells the observer, if any, what user `u` saw.
+    fn tell(
+        &self,
+        u: usize,
+        at: Instant,
+        took: Duration,
+        step: Step,
+        answer: Option<&crate::Response>,
+        logged_out: bool,
+    ) {
+        if let Some(observe) = &self.observer {
+            observe(Seen {
+                user: u,
+                at,
+                took,
+                step,
+                status: answer.map(|r| r.status.as_u16()),
+                node: answer.and_then(crate::Response::node),
+                logged_out,
+            });
+        }
+    }
+
     /// Whether step `n` (from 1) of a user is a read.
     fn reads_at(&self, n: u64) -> bool {
         // With 1 read and 4 writes: steps 5, 10, … read, as the kit always did.
@@ -329,18 +352,7 @@ impl Shopper {
                 false
             }
         };
-        if let Some(observe) = &plan.observer {
-            let r = r.as_ref().ok();
-            observe(Seen {
-                user: u,
-                at,
-                took,
-                step,
-                status: r.map(|r| r.status.as_u16()),
-                node: r.and_then(|r| r.node()),
-                logged_out,
-            });
-        }
+        plan.tell(u, at, took, step, r.as_ref().ok(), logged_out);
         if logged_out && plan.log_in_again {
             self.log_in_again(base, u, plan).await;
         }
@@ -381,19 +393,7 @@ impl Shopper {
             .client
             .post_json(&url, &json!({ "member": self.member }))
             .await;
-        let took = at.elapsed();
-        if let Some(observe) = &plan.observer {
-            let r = r.as_ref().ok();
-            observe(Seen {
-                user: u,
-                at,
-                took,
-                step: Step::Login,
-                status: r.map(|r| r.status.as_u16()),
-                node: r.and_then(|r| r.node()),
-                logged_out: false,
-            });
-        }
+        plan.tell(u, at, at.elapsed(), Step::Login, r.as_ref().ok(), false);
         match r {
             // A new session, an empty cart: what was acknowledged before is
             // gone from this user's view, and already counted.

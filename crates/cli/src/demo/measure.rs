@@ -609,15 +609,27 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
             (text, one_copy)
         },
     ));
-    let all: Vec<&Row> = ran.get(Kill, Strategy::ReplicatedAll).into_iter().collect();
-    out.push(claim(
-        row,
-        "세션 클러스터링 (All-to-All)",
-        "모든 서버 메모리 (every server's memory)",
-        Needs(Kill, "replicated-all"),
-        &all,
-        || {
-            let r = all[0];
+    // Copies of each session: every node's, or the owner's and a backup's.
+    let replicas: [(Strategy, &str, &str, &str, std::ops::Range<f64>); 2] = [
+        (
+            Strategy::ReplicatedAll,
+            "세션 클러스터링 (All-to-All)",
+            "모든 서버 메모리 (every server's memory)",
+            "replicated-all",
+            2.9..3.1,
+        ),
+        (
+            Strategy::ReplicatedBackup,
+            "세션 클러스터링 (Primary-Backup)",
+            "Primary + Backup만 보유 (only the owner and its backup)",
+            "replicated-backup",
+            1.9..2.2,
+        ),
+    ];
+    for (strategy, column, brief, name, expected) in replicas {
+        let held: Vec<&Row> = ran.get(Kill, strategy).into_iter().collect();
+        out.push(claim(row, column, brief, Needs(Kill, name), &held, || {
+            let r = held[0];
             let c = copies(r).unwrap_or(0.0);
             (
                 format!(
@@ -626,34 +638,10 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
                     per_node(r),
                     r.users
                 ),
-                c >= 2.9,
+                expected.contains(&c),
             )
-        },
-    ));
-    let backup: Vec<&Row> = ran
-        .get(Kill, Strategy::ReplicatedBackup)
-        .into_iter()
-        .collect();
-    out.push(claim(
-        row,
-        "세션 클러스터링 (Primary-Backup)",
-        "Primary + Backup만 보유 (only the owner and its backup)",
-        Needs(Kill, "replicated-backup"),
-        &backup,
-        || {
-            let r = backup[0];
-            let c = copies(r).unwrap_or(0.0);
-            (
-                format!(
-                    "{}: {} sessions on A/B/C for {} users ({c:.1} copies each)",
-                    r.strategy,
-                    per_node(r),
-                    r.users
-                ),
-                (1.9..2.2).contains(&c),
-            )
-        },
-    ));
+        }));
+    }
     let external = ran.of(Kill, Approach::External);
     out.push(claim(
         row,
@@ -1041,46 +1029,36 @@ mod tests {
         let mut all = row(Scenario::ScaleOut, Strategy::ReplicatedAll);
         all.replication_messages_per_write = Some(2.0);
         all.replication_messages_per_write_after_join = Some(3.0);
-        let claims = claims(&[ip.clone(), backup.clone(), all.clone()]);
-        assert_eq!(
-            verdict(&claims, "Sticky Session", "세션 유실"),
-            Verdict::Confirmed
+        let check = |rows: &[Row], wanted: &[(&str, &str, Verdict)]| {
+            let claims = claims(rows);
+            for (column, brief, v) in wanted {
+                assert_eq!(verdict(&claims, column, brief), *v, "{column} / {brief}");
+            }
+        };
+        use Verdict::*;
+        check(
+            &[ip.clone(), backup.clone(), all.clone()],
+            &[
+                ("Sticky Session", "세션 유실", Confirmed),
+                ("세션 클러스터링", "복제본으로 복구", Confirmed),
+                ("세션 클러스터링", "복제 비용 증가", Confirmed),
+                // One message more per node is linear, not exponential.
+                ("세션 클러스터링", "복제 비용 기하급수적", Corrected),
+                // Not run: not measured, whatever the other rows say.
+                ("외부 세션 저장소", "Redis HA", NotMeasured),
+            ],
         );
-        assert_eq!(
-            verdict(&claims, "세션 클러스터링", "복제본으로 복구"),
-            Verdict::Confirmed
-        );
-        assert_eq!(
-            verdict(&claims, "세션 클러스터링", "복제 비용 증가"),
-            Verdict::Confirmed
-        );
-        // One message more per node is linear, not exponential.
-        assert_eq!(
-            verdict(&claims, "세션 클러스터링", "복제 비용 기하급수적"),
-            Verdict::Corrected
-        );
-        // Not run: not measured, whatever the other rows say.
-        assert_eq!(
-            verdict(&claims, "외부 세션 저장소", "Redis HA"),
-            Verdict::NotMeasured
-        );
-
         // The same claims, contradicted by the figures.
         ip.users_logged_out_after_kill = 0;
         backup.users_logged_out = 3;
         all.replication_messages_per_write_after_join = Some(2.0);
-        let claims = super::claims(&[ip, backup, all]);
-        assert_eq!(
-            verdict(&claims, "Sticky Session", "세션 유실"),
-            Verdict::Corrected
-        );
-        assert_eq!(
-            verdict(&claims, "세션 클러스터링", "복제본으로 복구"),
-            Verdict::Corrected
-        );
-        assert_eq!(
-            verdict(&claims, "세션 클러스터링", "복제 비용 증가"),
-            Verdict::Corrected
+        check(
+            &[ip, backup, all],
+            &[
+                ("Sticky Session", "세션 유실", Corrected),
+                ("세션 클러스터링", "복제본으로 복구", Corrected),
+                ("세션 클러스터링", "복제 비용 증가", Corrected),
+            ],
         );
     }
 
