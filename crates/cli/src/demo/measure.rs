@@ -114,9 +114,10 @@ pub struct Row {
     /// clients sent, counted by Redis; replicated: hops to the owner on
     /// another node; 0 where sessions never leave the nodes).
     pub store_round_trips_per_request: Option<f64>,
-    /// Replication messages per write (replicated rows).
+    /// Replication messages per write (replicated rows), three nodes
+    /// serving, before the first event.
     pub replication_messages_per_write: Option<f64>,
-    /// Replication bytes per write (replicated rows).
+    /// Replication bytes per write (replicated rows), likewise.
     pub replication_bytes_per_write: Option<f64>,
     /// Sessions each node held just before the first event (`null`
     /// entries: the node's store is not its own, e.g. Redis).

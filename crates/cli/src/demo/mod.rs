@@ -166,18 +166,25 @@ impl DemoConfig {
         self.duration / 3
     }
 
-    /// How long a run of `scenario` is expected to take, fleet start and
-    /// checks included: what the progress bar's time left is made of.
-    fn planned(&self, scenario: Scenario) -> Duration {
+    /// How long a run of `scenario` for `strategy` is expected to take,
+    /// fleet start and checks included (what this machine measured): what
+    /// the progress bar's time left is made of.
+    fn planned(&self, scenario: Scenario, strategy: Strategy) -> Duration {
         let overhead = Duration::from_millis(400);
+        let s = Duration::from_secs_f64;
+        let after_event = |d: f64| self.duration.max(self.event_at() + s(d));
         overhead
-            + self.duration
             + match scenario {
-                Scenario::Kill | Scenario::ScaleOut => Duration::ZERO,
-                // Three restarts of about a second each.
-                Scenario::RollingRestart => Duration::from_secs(3),
-                // A Sentinel set to start, a failover to wait for.
-                Scenario::StoreOutage => Duration::from_secs(6),
+                Scenario::Kill => self.duration,
+                Scenario::ScaleOut => after_event(1.5),
+                // Three restarts of a second or more, then a second.
+                Scenario::RollingRestart if strategy.is_replicated() => after_event(6.0),
+                Scenario::RollingRestart => after_event(4.6),
+                // A Sentinel set to start, a failover to wait for, a quiet second.
+                Scenario::StoreOutage if strategy.needs_redis() || strategy == Strategy::Jwt => {
+                    after_event(4.5) + s(6.0)
+                }
+                Scenario::StoreOutage => after_event(1.3),
             }
     }
 }
@@ -281,13 +288,13 @@ pub async fn run(bin: &Path, config: &DemoConfig, tracker: impl FnOnce(Tracker))
         .iter()
         .flat_map(|sc| strategies.iter().map(move |st| (*sc, *st)))
         .collect();
-    let planned_total = runs.iter().map(|(sc, _)| config.planned(*sc)).sum();
+    let planned_total = runs.iter().map(|(sc, st)| config.planned(*sc, *st)).sum();
     let progress = Tracker::new(runs.len(), planned_total);
     tracker(progress.clone());
     let mut redis = scenario::SharedRedis::new(config.redis_url.clone());
     let mut rows = Vec::new();
     for (sc, st) in runs {
-        progress.begin(format!("{sc} / {st}"), config.planned(sc));
+        progress.begin(format!("{sc} / {st}"), config.planned(sc, st));
         rows.push(scenario::run(bin, config, sc, st, &mut redis).await);
         progress.end();
     }

@@ -142,16 +142,18 @@ pub(crate) fn cells() -> Vec<Cell> {
                 .collect();
             held.join("/")
         }),
-        ("replication msgs / write", &[Kill, RollingRestart], |r| {
-            opt(r.replication_messages_per_write, 2)
-        }),
+        (
+            "replication msgs / write before {event}",
+            &[Kill, RollingRestart],
+            |r| opt(r.replication_messages_per_write, 2),
+        ),
         ("replication msgs / write, 3 → 4", &[ScaleOut], |r| {
             grew(
                 r.replication_messages_per_write,
                 r.replication_messages_per_write_after_join,
             )
         }),
-        ("replication bytes / write", &[Kill], |r| {
+        ("replication bytes / write before {event}", &[Kill], |r| {
             opt(r.replication_bytes_per_write, 0)
         }),
         (
@@ -196,7 +198,7 @@ pub(crate) fn cells_for(scenario: Scenario) -> Vec<Line> {
         .collect()
 }
 
-const LABEL: usize = 36;
+const LABEL: usize = 44;
 const COLUMN: usize = 20;
 
 /// One scenario's table.

@@ -158,6 +158,8 @@ async fn attempt(
     let event_at = config.event_at();
     shopping.until(event_at).await;
     row.sessions_per_node = held(&fleet).await;
+    // Three nodes serving, nothing happened yet: the steady state's costs.
+    let at_event = Snapshot::take(&fleet).await;
 
     // What the scenario does; `join` keeps the counters when the fleet
     // grew (scale-out), to tell the cost at 3 nodes from the cost at 4.
@@ -169,7 +171,6 @@ async fn attempt(
             shopping.until(config.duration).await;
         }
         Scenario::ScaleOut => {
-            let at3 = Snapshot::take(&fleet).await;
             let calls3 = redis_calls(stats_url.as_deref()).await;
             let (t3, joining) = (shopping.now(), Instant::now());
             row.events.push(event(&shopping, "D starts"));
@@ -182,7 +183,7 @@ async fn attempt(
             let (t4, at4) = (shopping.now(), Snapshot::take(&fleet).await);
             let calls4 = redis_calls(stats_url.as_deref()).await;
             if strategy.is_replicated() {
-                row.transfer_bytes = Some(at4.since(&at3).transfer_bytes as u64);
+                row.transfer_bytes = Some(at4.since(&at_event).transfer_bytes as u64);
             }
             // A second of four nodes serving, at the least.
             shopping
@@ -190,7 +191,6 @@ async fn attempt(
                 .await;
             join = Some(Join {
                 t3,
-                at3,
                 calls3,
                 t4,
                 at4,
@@ -260,11 +260,9 @@ async fn attempt(
             .max(1) as f64
     };
     let whole = Duration::from_secs(u64::MAX >> 2);
+    // At three nodes, before the event.
+    let three = at_event.since(&start);
     if strategy.is_replicated() {
-        // At three nodes: the whole run, or until D began to join.
-        let three = join
-            .as_ref()
-            .map_or(end.since(&start), |j| j.at3.since(&start));
         row.replication_messages_per_write = three.messages_per_write();
         row.replication_bytes_per_write = three.bytes_per_write();
         // Hops to the owner on another node (a killed node's count is lost).
@@ -279,7 +277,7 @@ async fn attempt(
         let (at3, at4) = (requests(Duration::ZERO, j.t3), requests(j.t4, whole));
         if strategy.is_replicated() {
             row.replication_messages_per_write_after_join = end.since(&j.at4).messages_per_write();
-            row.store_round_trips_per_request = Some(j.at3.since(&start).forwarded / at3);
+            row.store_round_trips_per_request = Some(three.forwarded / at3);
             row.store_round_trips_per_request_after_join = Some(end.since(&j.at4).forwarded / at4);
         } else if let (Some(c3), Some(c4), Some(end)) = (j.calls3, j.calls4, calls_end) {
             row.store_round_trips_per_request = Some(c3 / at3);
@@ -303,7 +301,6 @@ async fn attempt(
 struct Join {
     /// When D began to join, from the users' start.
     t3: Duration,
-    at3: Snapshot,
     calls3: Option<f64>,
     /// When the balancer sent D its first requests.
     t4: Duration,
