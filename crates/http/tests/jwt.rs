@@ -563,10 +563,9 @@ async fn a_high_s_es256_signature_is_refused_and_never_issued() {
             high[32 + i] = d.rem_euclid(256) as u8;
         }
         let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&high));
-        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(
-            JwtCodec::from_toml(&keys).unwrap().jwks()["keys"][0].clone(),
-        )
-        .unwrap();
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(JwtCodec::from_toml(&keys).unwrap().jwks()["keys"][0].clone())
+                .unwrap();
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
         v.validate_exp = false;
         jsonwebtoken::decode::<serde_json::Value>(
