@@ -482,17 +482,19 @@ impl Session {
             }
         }
         for id in &ended {
-            if Some(*id) != current {
-                emit(
-                    principals.listener(),
-                    EventKind::Destroyed {
-                        reason: EndReason::Revoked,
-                    },
-                    id,
-                    Some(&principal),
-                    now,
-                );
-            }
+            // This request's own session ends by logging out.
+            let reason = if Some(*id) == current {
+                EndReason::Logout
+            } else {
+                EndReason::Revoked
+            };
+            emit(
+                principals.listener(),
+                EventKind::Destroyed { reason },
+                id,
+                Some(&principal),
+                now,
+            );
         }
         let mut count = ended.len();
         if let (false, Some(current)) = (keep_current, current) {
