@@ -862,12 +862,13 @@ pub async fn sweep(bin: &Path, sizes: &[usize], writes: usize) -> Result<Vec<Swe
             let totals = |nodes: &[Process]| {
                 let urls: Vec<String> = nodes.iter().map(|p| p.url("/metrics")).collect();
                 async move {
-                    let mut t = (0.0, 0.0);
+                    let mut t = (0.0, 0.0, 0.0);
                     for u in urls {
                         if let Ok(r) = Client::new().get(&u).await {
                             let text = r.text();
                             t.0 += metric(&text, "tether_cluster_replication_messages_total");
                             t.1 += metric(&text, "tether_cluster_replication_bytes_total");
+                            t.2 += metric(&text, "tether_cluster_writes_total");
                         }
                     }
                     t
@@ -900,8 +901,9 @@ pub async fn sweep(bin: &Path, sizes: &[usize], writes: usize) -> Result<Vec<Swe
             let after = totals(&nodes).await;
             lat.sort();
             let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-            // Logins and logouts replicate too; count every write the owner made.
-            let total_writes = writes as f64 + 2.0 * (writes / 5) as f64;
+            // Logins and logouts replicate too (with the user's session
+            // index, two writes each): count every write the owners made.
+            let total_writes = (after.2 - before.2).max(1.0);
             rows.push(SweepRow {
                 strategy: strategy.into(),
                 nodes: n,

@@ -6,4 +6,5 @@
 pub mod demo;
 pub mod node;
 pub mod report;
+pub mod sessions;
 pub mod up;

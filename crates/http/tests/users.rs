@@ -33,7 +33,9 @@ async fn mypage(session: Session) -> Result<(StatusCode, String), SessionError> 
 }
 
 async fn sessions(session: Session) -> Result<Json<serde_json::Value>, SessionError> {
-    Ok(Json(serde_json::json!({ "sessions": session.sessions().await? })))
+    Ok(Json(
+        serde_json::json!({ "sessions": session.sessions().await? }),
+    ))
 }
 
 async fn revoke(session: Session, Path(r): Path<String>) -> Result<String, SessionError> {
@@ -183,7 +185,10 @@ async fn a_user_lists_their_devices_and_ends_them() {
         let r = s["ref"].as_str().unwrap();
         assert_eq!(r.len(), 16);
         for id in [&a, &b, &c] {
-            assert!(!id.contains(r) && !r.contains(id.as_str()), "a ref leaks an ID");
+            assert!(
+                !id.contains(r) && !r.contains(id.as_str()),
+                "a ref leaks an ID"
+            );
         }
         assert!(s["created"].as_u64().is_some() && s["last_access"].as_u64().is_some());
     }
@@ -225,11 +230,19 @@ async fn a_user_lists_their_devices_and_ends_them() {
     let revoked = EventKind::Destroyed {
         reason: EndReason::Revoked,
     };
-    assert_eq!(kinds.iter().filter(|k| **k == revoked).count(), 3, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == revoked).count(),
+        3,
+        "{kinds:?}"
+    );
     let logout = EventKind::Destroyed {
         reason: EndReason::Logout,
     };
-    assert_eq!(kinds.iter().filter(|k| **k == logout).count(), 1, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == logout).count(),
+        1,
+        "{kinds:?}"
+    );
     assert!(app
         .events()
         .iter()
@@ -342,7 +355,10 @@ async fn a_cookie_can_never_address_the_index() {
         .send("POST", "/logout", Some(&index.to_string()), "attacker")
         .await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(app.status(&index.to_string()).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.status(&index.to_string()).await,
+        StatusCode::UNAUTHORIZED
+    );
     assert!(store
         .load(&index, tether::Load::at(Timestamp::now()))
         .await
