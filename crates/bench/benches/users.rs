@@ -18,7 +18,7 @@ use axum::routing::post;
 use axum::Router;
 use tether::{LimitPolicy, Session, SessionConfig, SessionError, SessionLayer, SessionLimit};
 use tether_bench::{arg, median, serve_on_own_core, wrk_script, WrkResult};
-use tether_core::principal::{InStore, Member, PrincipalIndex, PRINCIPAL};
+use tether_core::principal::{InStore, PrincipalIndex};
 use tether_core::{SessionStore, Timestamp};
 
 async fn login(session: Session, body: String) -> Result<&'static str, SessionError> {
@@ -116,21 +116,7 @@ fn main() {
         for i in 0..10_000u64 {
             let principal = format!("user-{}", i % 1000);
             let now = Timestamp::now();
-            let mut r = tether_core::Record::new(
-                tether_core::SessionId::random(),
-                now,
-                tether_core::Expiry { idle, absolute: None },
-            );
-            r.attributes.insert(
-                PRINCIPAL.into(),
-                serde_json::value::to_raw_value(&principal).expect("json"),
-            );
-            let member = Member {
-                joined: now.0,
-                expires: r.expires_at().0,
-                device: Default::default(),
-                lease: 0,
-            };
+            let (r, member) = tether_core::testing::principal_session(&principal, now, idle);
             index
                 .admit(&principal, &r.id, member, None, &alive, now)
                 .await

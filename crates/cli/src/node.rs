@@ -773,14 +773,7 @@ async fn admin_list(
     headers: HeaderMap,
     axum::extract::Path(principal): axum::extract::Path<String>,
 ) -> Response {
-    let principals = match admin(&node, &headers) {
-        Ok(p) => p,
-        Err(refused) => return *refused,
-    };
-    match principals.list(&principal, tether::Timestamp::now()).await {
-        Ok(list) => Json(json!({ "principal": principal, "sessions": list })).into_response(),
-        Err(e) => SessionError::Store(e).into_response(),
-    }
+    operator(&node, &headers, crate::sessions::Action::List, &principal).await
 }
 
 /// An operator ends every session of a user.
@@ -789,15 +782,21 @@ async fn admin_revoke(
     headers: HeaderMap,
     axum::extract::Path(principal): axum::extract::Path<String>,
 ) -> Response {
-    let principals = match admin(&node, &headers) {
+    operator(&node, &headers, crate::sessions::Action::Revoke, &principal).await
+}
+
+async fn operator(
+    node: &Node,
+    headers: &HeaderMap,
+    action: crate::sessions::Action,
+    principal: &str,
+) -> Response {
+    let principals = match admin(node, headers) {
         Ok(p) => p,
         Err(refused) => return *refused,
     };
-    match principals
-        .end_all(&principal, tether::Timestamp::now())
-        .await
-    {
-        Ok(ended) => Json(json!({ "principal": principal, "ended": ended })).into_response(),
+    match crate::sessions::act(&principals, action, principal).await {
+        Ok(answer) => Json(answer).into_response(),
         Err(e) => SessionError::Store(e).into_response(),
     }
 }

@@ -40,23 +40,9 @@ pub async fn run(target: &Target, action: Action, principal: &str) -> Result<Val
         Target::Store(url) => {
             let store = tether_redis::RedisStore::open(url).map_err(|e| e.to_string())?;
             let principals = tether::Principals::in_store(Arc::new(store));
-            let now = tether::Timestamp::now();
-            match action {
-                Action::List => {
-                    let list = principals
-                        .list(principal, now)
-                        .await
-                        .map_err(|e| format!("listing the sessions: {e}"))?;
-                    Ok(serde_json::json!({ "principal": principal, "sessions": list }))
-                }
-                Action::Revoke => {
-                    let ended = principals
-                        .end_all(principal, now)
-                        .await
-                        .map_err(|e| format!("ending the sessions: {e}"))?;
-                    Ok(serde_json::json!({ "principal": principal, "ended": ended }))
-                }
-            }
+            act(&principals, action, principal)
+                .await
+                .map_err(|e| format!("{action:?} of the sessions: {e}"))
         }
         Target::Node { url, token } => {
             let encoded: String = principal
@@ -96,6 +82,29 @@ pub async fn run(target: &Target, action: Action, principal: &str) -> Result<Val
             r.json().map_err(|e| format!("{path}: {e}"))
         }
     }
+}
+
+/// Runs `action` for `principal` on `principals` (the CLI against a store,
+/// a node's operator endpoints): the JSON both answer with.
+///
+/// # Errors
+/// When the store fails.
+pub async fn act(
+    principals: &tether::Principals,
+    action: Action,
+    principal: &str,
+) -> Result<Value, tether::StoreError> {
+    let now = tether::Timestamp::now();
+    Ok(match action {
+        Action::List => {
+            let list = principals.list(principal, now).await?;
+            serde_json::json!({ "principal": principal, "sessions": list })
+        }
+        Action::Revoke => {
+            let ended = principals.end_all(principal, now).await?;
+            serde_json::json!({ "principal": principal, "ended": ended })
+        }
+    })
 }
 
 /// The result as a person reads it.

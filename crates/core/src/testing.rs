@@ -568,13 +568,13 @@ pub async fn values_round_trip(store: &impl SessionStore) {
     assert_eq!(must_load(store, &r.id, now).await, r);
 }
 
-/// A session record of `principal` created at `now`, living `idle`.
-async fn session_of(
-    store: &dyn SessionStore,
+/// A session of `principal` created at `now`, living `idle`, and its
+/// entry for the principal's index.
+pub fn principal_session(
     principal: &str,
     now: Timestamp,
     idle: Duration,
-) -> SessionId {
+) -> (Record, crate::principal::Member) {
     let mut r = record_expiring(
         now,
         Expiry {
@@ -587,17 +587,30 @@ async fn session_of(
         crate::principal::PRINCIPAL.into(),
         json(&serde_json::to_string(principal).expect("a string")),
     );
+    let member = crate::principal::Member {
+        joined: now.0,
+        expires: r.expires_at().0,
+        device: [("user_agent".to_string(), "test".to_string())].into(),
+        lease: 0,
+    };
+    (r, member)
+}
+
+/// Creates a session of `principal` in `store` (see [`principal_session`]).
+async fn session_of(
+    store: &dyn SessionStore,
+    principal: &str,
+    now: Timestamp,
+    idle: Duration,
+) -> SessionId {
+    let (r, _) = principal_session(principal, now, idle);
     store.create(&r).await.expect("create");
     r.id
 }
 
 fn member_at(now: Timestamp, idle: Duration) -> crate::principal::Member {
-    crate::principal::Member {
-        joined: now.0,
-        expires: now.0 + crate::millis(idle),
-        device: [("user_agent".to_string(), "test".to_string())].into(),
-        lease: 0,
-    }
+    let (_, m) = principal_session("", now, idle);
+    m
 }
 
 fn test_index<S: SessionStore>(store: &Arc<S>) -> crate::principal::PrincipalIndex {

@@ -321,11 +321,12 @@ async fn round_trips_of_logins_and_logouts_with_a_principal() {
 /// no session, no index, no directory entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_expired_sessions_leave_an_empty_keyspace() {
-    use tether_core::principal::{InStore, Member, PrincipalIndex, PRINCIPAL};
+    use tether_core::principal::{InStore, PrincipalIndex};
     let (store, server) = fixture().await;
     let store: Arc<dyn SessionStore> = Arc::new(store);
     let index = PrincipalIndex::new(store.clone());
-    let idle = std::time::Duration::from_millis(1500);
+    // Long enough that none expires before all are written, on a busy machine.
+    let idle = std::time::Duration::from_secs(8);
     let start = Timestamp::now();
     let mut tasks = Vec::new();
     for t in 0..16u64 {
@@ -335,24 +336,7 @@ async fn ten_thousand_expired_sessions_leave_an_empty_keyspace() {
             for i in (t..10_000).step_by(16) {
                 let principal = format!("user-{}", i % 1000);
                 let now = Timestamp::now();
-                let mut r = tether_core::testing::record_expiring(
-                    now,
-                    tether_core::Expiry {
-                        idle,
-                        absolute: None,
-                    },
-                    &[],
-                );
-                r.attributes.insert(
-                    PRINCIPAL.into(),
-                    tether_core::testing::json(&format!("\"{principal}\"")),
-                );
-                let member = Member {
-                    joined: now.0,
-                    expires: r.expires_at().0,
-                    device: Default::default(),
-                    lease: 0,
-                };
+                let (r, member) = tether_core::testing::principal_session(&principal, now, idle);
                 index
                     .admit(&principal, &r.id, member, None, &alive, now)
                     .await
