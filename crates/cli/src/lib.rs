@@ -7,5 +7,6 @@
 pub mod demo;
 pub mod fleet;
 pub mod node;
+pub mod sessions;
 pub mod strategy;
 pub mod up;

@@ -38,6 +38,37 @@ enum Command {
     JwtKeygen(KeygenArgs),
     /// Keep a fleet running with a dashboard (kill and restart nodes, watch requests).
     Up(UpArgs),
+    /// List or end a user's sessions in a live fleet (an operator's tool).
+    #[command(subcommand)]
+    Sessions(SessionsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionsCommand {
+    /// Print a user's sessions.
+    List(SessionsArgs),
+    /// End every session of a user ("disable the account").
+    Revoke(SessionsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SessionsArgs {
+    /// The user (the session's principal; on the reference node, the member number).
+    #[arg(long)]
+    principal: String,
+    /// The fleet's session store: redis://…, redis+sentinel://…, redis+cluster://….
+    #[arg(long, conflicts_with = "node")]
+    store: Option<String>,
+    /// Or any node of the fleet (every strategy), through its operator
+    /// endpoints: http://HOST:PORT, with --admin-token or TETHER_ADMIN_TOKEN.
+    #[arg(long)]
+    node: Option<String>,
+    /// The node's operator token.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -171,6 +202,19 @@ struct NodeArgs {
     /// 256 MiB of attributes). Implies --redis-near-cache.
     #[arg(long, value_name = "N")]
     redis_near_cache_size: Option<usize>,
+    /// At most N sessions per user (the logged-in member); a login beyond
+    /// follows --max-sessions-policy.
+    #[arg(long, value_name = "N")]
+    max_sessions_per_user: Option<usize>,
+    /// What a login beyond --max-sessions-per-user does: refuse (409) or
+    /// evict-oldest (ends the user's longest-standing session).
+    #[arg(long, default_value = "evict-oldest")]
+    max_sessions_policy: tether::LimitPolicy,
+    /// Enables the operator endpoints (/admin/principals/{user}/sessions,
+    /// …/revoke, used by `tether sessions --node`) for requests with
+    /// `Authorization: Bearer TOKEN`. Also read from TETHER_ADMIN_TOKEN.
+    #[arg(long)]
+    admin_token: Option<String>,
     /// JWT only: the key file every node shares (`tether jwt-keygen` makes one).
     #[arg(long)]
     jwt_key_file: Option<std::path::PathBuf>,
@@ -346,8 +390,37 @@ fn run() -> anyhow::Result<ExitCode> {
                 print!("{}", tether_jwt::generate_hs256_key_file(&args.kid));
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Sessions(command) => sessions(command).await,
         }
     })
+}
+
+async fn sessions(command: SessionsCommand) -> anyhow::Result<ExitCode> {
+    use tether_cli::sessions::{render, run, Action, Target};
+    let (action, args) = match command {
+        SessionsCommand::List(a) => (Action::List, a),
+        SessionsCommand::Revoke(a) => (Action::Revoke, a),
+    };
+    let target = match (args.store, args.node) {
+        (Some(url), _) => Target::Store(url),
+        (None, Some(url)) => Target::Node {
+            url,
+            token: args
+                .admin_token
+                .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
+                .context("--node needs --admin-token (or TETHER_ADMIN_TOKEN)")?,
+        },
+        (None, None) => anyhow::bail!("say where the sessions are: --store URL or --node URL"),
+    };
+    let result = run(&target, action, &args.principal)
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if args.json {
+        println!("{result}");
+    } else {
+        print!("{}", render(&result));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The admin token from the flag or the environment (kept out of `ps`).
@@ -498,6 +571,18 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
         jwt_key_file: args.jwt_key_file,
         jwt_revocation: args.jwt_revocation,
         cluster: None,
+        max_sessions: match args.max_sessions_per_user {
+            Some(0) => anyhow::bail!("--max-sessions-per-user must be at least 1"),
+            Some(max) => Some(tether::SessionLimit {
+                max,
+                policy: args.max_sessions_policy,
+            }),
+            None => None,
+        },
+        admin_token: args
+            .admin_token
+            .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
+            .filter(|t| !t.is_empty()),
     };
     let mut config = config;
     if config.store == StoreSpec::Cluster {

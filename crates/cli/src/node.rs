@@ -89,6 +89,11 @@ pub struct NodeConfig {
     pub jwt_revocation: Option<StoreSpec>,
     /// Cluster only: this node's replication settings.
     pub cluster: Option<tether_cluster::ClusterConfig>,
+    /// At most this many sessions per user (`--max-sessions-per-user`).
+    pub max_sessions: Option<tether::SessionLimit>,
+    /// Enables the operator endpoints (`/admin/sessions…`) for requests
+    /// bearing this token.
+    pub admin_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -105,6 +110,8 @@ impl NodeConfig {
             jwt_key_file: None,
             jwt_revocation: None,
             cluster: None,
+            max_sessions: None,
+            admin_token: None,
         }
     }
 }
@@ -120,10 +127,49 @@ pub struct Node {
     started: std::time::Instant,
     memory: Option<Arc<MemoryStore>>,
     redis: Option<Arc<tether_redis::RedisStore>>,
-    revocation: Option<tether_jwt::Revocation>,
     cluster: Option<Arc<tether_cluster::ClusterStore>>,
     /// Where sessions live, for the pages.
     store_kind: &'static str,
+    /// Every user's sessions (none for tokens without a revocation store).
+    principals: Option<tether::Principals>,
+    /// Session events seen, by kind (`/metrics`).
+    events: Arc<EventCounts>,
+    admin_token: Option<Arc<str>>,
+}
+
+/// Session lifecycle events this node saw.
+#[derive(Default)]
+struct EventCounts {
+    created: AtomicU64,
+    rotated: AtomicU64,
+    logout: AtomicU64,
+    revoked: AtomicU64,
+    evicted: AtomicU64,
+    expired: AtomicU64,
+}
+
+impl EventCounts {
+    fn record(&self, e: &tether::SessionEvent) {
+        use tether::{EndReason, EventKind};
+        let counter = match &e.kind {
+            EventKind::Created => &self.created,
+            EventKind::Rotated { .. } => &self.rotated,
+            EventKind::Destroyed {
+                reason: EndReason::Logout,
+            } => &self.logout,
+            EventKind::Destroyed {
+                reason: EndReason::Revoked,
+            } => &self.revoked,
+            EventKind::Destroyed {
+                reason: EndReason::Evicted,
+            } => &self.evicted,
+            EventKind::Expired => &self.expired,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // The audit log: one line per event, the session named by its
+        // reference (never its ID).
+        tracing::info!(target: "tether::audit", event = %serde_json::to_string(e).unwrap_or_default());
+    }
 }
 
 impl Node {
@@ -144,6 +190,9 @@ type ServerStore = (
     Option<Arc<MemoryStore>>,
     Option<Arc<tether_redis::RedisStore>>,
 );
+
+/// How often the node looks for sessions that expired (to report them).
+const REAP_EVERY: Duration = Duration::from_secs(5);
 
 /// The near cache's memory bound (attribute bytes), beside its entry count.
 const NEAR_CACHE_BYTES: usize = 256 << 20;
@@ -178,12 +227,19 @@ fn server_store(spec: &StoreSpec, config: &NodeConfig) -> Result<ServerStore, Ap
 /// If the store cannot be set up (a Redis URL the driver rejects, a
 /// missing or invalid JWT key file).
 pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
-    let sessions = SessionConfig::default()
+    let events = Arc::new(EventCounts::default());
+    let listener = events.clone();
+    let mut sessions = SessionConfig::default()
         .with_secure(config.cookie_secure)
         .with_idle_timeout(config.idle_timeout)
-        .with_header("X-Auth-Token");
+        .with_header("X-Auth-Token")
+        .with_principal_attribute("loginMember")
+        .with_node_name(config.id.clone())
+        .with_listener(move |e| listener.record(&e));
+    if let Some(limit) = config.max_sessions {
+        sessions = sessions.with_session_limit(limit);
+    }
     let mut jwks = None;
-    let mut revocation = None;
     let mut cluster = None;
     let mut redis = None;
     let (layer, memory) = match &config.store {
@@ -209,9 +265,7 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
             if let Some(spec) = &config.jwt_revocation {
                 let (store, _, _) = server_store(spec, config)?;
                 let lifetime = sessions.expiry().absolute.unwrap_or(config.idle_timeout);
-                let r = tether_jwt::Revocation::new(store, lifetime);
-                revocation = Some(r.clone());
-                jwt = jwt.with_revocation(r);
+                jwt = jwt.with_revocation(tether_jwt::Revocation::new(store, lifetime));
             }
             (SessionLayer::jwt(jwt), None)
         }
@@ -221,6 +275,10 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
             (SessionLayer::from_arc(store), memory)
         }
     };
+    let layer = layer.with_config(sessions);
+    let principals = layer.principals();
+    // Every node reaps: a lease keeps two from reporting one expiry.
+    let _reaper = layer.spawn_reaper(REAP_EVERY);
     let node = Node {
         id: config.id.as_str().into(),
         ready: Arc::new(AtomicBool::new(true)),
@@ -229,13 +287,15 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         started: std::time::Instant::now(),
         memory,
         redis,
-        revocation,
         cluster,
         store_kind: match &config.store {
             StoreSpec::Redis(_) => "in Redis, shared by every node",
             StoreSpec::Jwt => "in your browser's signed token: no server holds it",
             _ => "on this node",
         },
+        principals,
+        events,
+        admin_token: config.admin_token.as_deref().map(Arc::from),
     };
     let mut router = Router::new()
         .route("/", get(mypage))
@@ -244,7 +304,12 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
         .route("/cart", post(cart))
         .route("/logout", post(logout))
         .route("/logout-everywhere", post(logout_everywhere))
-        .layer(layer.with_config(sessions))
+        .route("/sessions", get(user_sessions))
+        .route("/sessions/{reference}/revoke", post(revoke_session))
+        .layer(layer)
+        // Operators act on any user's sessions, by token, without a session.
+        .route("/admin/principals/{principal}/sessions", get(admin_list))
+        .route("/admin/principals/{principal}/revoke", post(admin_revoke))
         // Health and stats sit outside the session layer: probes carry no session.
         .route("/health", get(health))
         .route("/stats", get(stats))
@@ -559,32 +624,181 @@ async fn logout(
     Ok(Json(json!({ "logged_out": true, "node": &*node.id })).into_response())
 }
 
-/// Ends every session of the logged-in member (needs `--jwt-revocation`).
+/// Ends every session of the logged-in member, this one included.
 async fn logout_everywhere(
     State(node): State<Node>,
     session: Session,
+    headers: HeaderMap,
 ) -> Result<Response, SessionError> {
     let Some(member) = session.get::<u64>("loginMember").await? else {
-        return Ok((
+        return Ok(not_logged_in(&node, &headers));
+    };
+    let ended = session.end_all_sessions(false).await?;
+    if wants_html(&headers) {
+        let body = format!("<p>{ended} sessions ended.</p>{LOGIN_FORM}");
+        return Ok(page(&node.id, "logged out everywhere", &body).into_response());
+    }
+    Ok(
+        Json(json!({ "logged_out_everywhere": member, "ended": ended, "node": &*node.id }))
+            .into_response(),
+    )
+}
+
+fn not_logged_in(node: &Node, headers: &HeaderMap) -> Response {
+    if wants_html(headers) {
+        return (
             StatusCode::UNAUTHORIZED,
-            Json(json!({ "error": "not logged in", "node": &*node.id })),
+            page(&node.id, "not logged in", LOGIN_FORM),
         )
-            .into_response());
+            .into_response();
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({ "error": "not logged in", "node": &*node.id })),
+    )
+        .into_response()
+}
+
+/// The logged-in user's sessions: JSON `{"sessions": [...]}`, or a device
+/// list with a revoke button per session.
+async fn user_sessions(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+) -> Result<Response, SessionError> {
+    if session.get::<u64>("loginMember").await?.is_none() {
+        return Ok(not_logged_in(&node, &headers));
+    }
+    let list = session.sessions().await?;
+    if !wants_html(&headers) {
+        return Ok(Json(json!({ "sessions": list })).into_response());
+    }
+    let when = |ms: u64| {
+        let ago = tether::Timestamp::now().0.saturating_sub(ms) / 1000;
+        format!("{ago} s ago")
     };
-    let Some(revocation) = &node.revocation else {
-        let msg = "log out everywhere needs --store jwt with --jwt-revocation";
-        return Ok((
-            StatusCode::NOT_IMPLEMENTED,
-            Json(json!({ "error": msg, "node": &*node.id })),
+    let rows: String = list
+        .iter()
+        .map(|s| {
+            format!(
+                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
+                 <td><form method=\"post\" action=\"/sessions/{}/revoke\"><button>{}</button></form></td></tr>",
+                escape(s.user_agent.as_deref().unwrap_or("unknown device")),
+                if s.current { " <b>(this one)</b>" } else { "" },
+                escape(s.address.as_deref().unwrap_or("")),
+                escape(s.node.as_deref().unwrap_or("")),
+                when(s.logged_in),
+                s.last_access.map(when).unwrap_or_default(),
+                escape(&s.reference),
+                if s.current { "log out" } else { "revoke" },
+            )
+        })
+        .collect();
+    let body = format!(
+        "<table id=\"sessions\"><tr><th>device</th><th>address</th><th>node</th>\
+         <th>logged in</th><th>last used</th><th></th></tr>{rows}</table>\
+         <form method=\"post\" action=\"/logout-everywhere\"><button>log out everywhere</button></form>"
+    );
+    Ok(page(&node.id, "your sessions", &body).into_response())
+}
+
+/// Ends one of the logged-in user's sessions by its reference.
+async fn revoke_session(
+    State(node): State<Node>,
+    session: Session,
+    headers: HeaderMap,
+    axum::extract::Path(reference): axum::extract::Path<String>,
+) -> Result<Response, SessionError> {
+    if session.get::<u64>("loginMember").await?.is_none() {
+        return Ok(not_logged_in(&node, &headers));
+    }
+    let ended = session.end_session(&reference).await?;
+    let status = if ended {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    };
+    if wants_html(&headers) {
+        let body = if ended {
+            "<p>ended.</p><p><a href=\"/sessions\">your sessions</a></p>"
+        } else {
+            "<p>no such session of yours.</p><p><a href=\"/sessions\">your sessions</a></p>"
+        };
+        return Ok((status, page(&node.id, "sessions", body)).into_response());
+    }
+    Ok((status, Json(json!({ "ended": ended, "node": &*node.id }))).into_response())
+}
+
+/// Checks the operator token (constant time); `Err` is the refusal.
+fn admin(node: &Node, headers: &HeaderMap) -> Result<tether::Principals, Box<Response>> {
+    let Some(token) = &node.admin_token else {
+        return Err(Box::new(
+            (
+                StatusCode::NOT_FOUND,
+                "operator endpoints are off: start the node with --admin-token\n",
+            )
+                .into_response(),
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !same {
+        return Err(Box::new(
+            (StatusCode::UNAUTHORIZED, "operator token required\n").into_response(),
+        ));
+    }
+    node.principals.clone().ok_or_else(|| {
+        Box::new(
+            (
+                StatusCode::NOT_IMPLEMENTED,
+                "this strategy keeps no index of users' sessions (tokens need --jwt-revocation)\n",
+            )
+                .into_response(),
         )
-            .into_response());
+    })
+}
+
+/// An operator lists a user's sessions.
+async fn admin_list(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    axum::extract::Path(principal): axum::extract::Path<String>,
+) -> Response {
+    operator(&node, &headers, crate::sessions::Action::List, &principal).await
+}
+
+/// An operator ends every session of a user.
+async fn admin_revoke(
+    State(node): State<Node>,
+    headers: HeaderMap,
+    axum::extract::Path(principal): axum::extract::Path<String>,
+) -> Response {
+    operator(&node, &headers, crate::sessions::Action::Revoke, &principal).await
+}
+
+async fn operator(
+    node: &Node,
+    headers: &HeaderMap,
+    action: crate::sessions::Action,
+    principal: &str,
+) -> Response {
+    let principals = match admin(node, headers) {
+        Ok(p) => p,
+        Err(refused) => return *refused,
     };
-    revocation
-        .revoke_subject(&member.to_string(), tether::Timestamp::now())
-        .await
-        .map_err(SessionError::Store)?;
-    session.destroy().await?;
-    Ok(Json(json!({ "logged_out_everywhere": member, "node": &*node.id })).into_response())
+    match crate::sessions::act(&principals, action, principal).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => SessionError::Store(e).into_response(),
+    }
 }
 
 async fn health(State(node): State<Node>) -> Response {
@@ -699,6 +913,29 @@ async fn metrics(State(node): State<Node>) -> Response {
         ];
         for (name, kind, help, value) in rows {
             line(name, kind, help, value);
+        }
+    }
+    {
+        let e = &node.events;
+        let _ = writeln!(
+            out,
+            "# HELP tether_session_events_total Session lifecycle events this node saw.\n\
+             # TYPE tether_session_events_total counter"
+        );
+        for (kind, counter) in [
+            ("created", &e.created),
+            ("rotated", &e.rotated),
+            ("logout", &e.logout),
+            ("revoked", &e.revoked),
+            ("evicted", &e.evicted),
+            ("expired", &e.expired),
+        ] {
+            let _ = writeln!(
+                out,
+                "tether_session_events_total{{node=\"{}\",kind=\"{kind}\"}} {}",
+                node.id,
+                counter.load(Ordering::Relaxed)
+            );
         }
     }
     (

@@ -9,7 +9,13 @@ use base64::Engine;
 /// Length of the textual form: 16 bytes in base64url without padding.
 pub const ID_LEN: usize = 22;
 
-/// A session identifier: 128 bits from the operating system's CSPRNG.
+/// The bit of the last byte that marks [`SessionId::derived`] identifiers;
+/// random ones have it clear (127 random bits).
+const DERIVED: u8 = 0x80;
+
+/// A session identifier: 127 bits from the operating system's CSPRNG (one
+/// bit tells sessions from the store's own records, see
+/// [`SessionId::derived`]).
 ///
 /// Its textual form is 22 characters of base64url without padding. The parser
 /// is strict: anything that is not exactly the canonical encoding of 16 bytes is
@@ -40,7 +46,45 @@ impl SessionId {
     pub fn random() -> Self {
         let mut bytes = [0u8; 16];
         getrandom::fill(&mut bytes).expect("the OS random number generator failed");
+        bytes[15] &= !DERIVED;
         Self(bytes)
+    }
+
+    /// The identifier of a store record that is not a session (a user's
+    /// session index, a token deny-list), named by `kind` and `value`.
+    ///
+    /// Such IDs are computable by anyone, so they are marked (a bit no
+    /// random ID has) and the session layer never accepts a marked ID from
+    /// a client: a cookie cannot read, write or delete these records.
+    pub fn derived(kind: &str, value: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"tether\0")
+            .chain_update(kind.as_bytes())
+            .chain_update(b"\0")
+            .chain_update(value.as_bytes())
+            .finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        bytes[15] |= DERIVED;
+        Self(bytes)
+    }
+
+    /// Whether this is a [`SessionId::derived`] identifier (never a session).
+    pub const fn is_derived(&self) -> bool {
+        self.0[15] & DERIVED != 0
+    }
+
+    /// A stable, non-secret name for this session (16 hex digits of a
+    /// hash): what a user's device list shows and a revoke button sends.
+    /// The ID cannot be recovered from it.
+    pub fn reference(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"tether-ref\0")
+            .chain_update(self.0)
+            .finalize();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Builds an identifier from raw bytes (for tests and wire decoding).
@@ -139,6 +183,21 @@ mod tests {
             assert_eq!(text.len(), ID_LEN);
             assert_eq!(SessionId::parse(&text), Ok(id));
         }
+    }
+
+    #[test]
+    fn derived_ids_are_marked_and_random_ones_never() {
+        for _ in 0..1000 {
+            assert!(!SessionId::random().is_derived());
+        }
+        let a = SessionId::derived("principal", "member-7");
+        assert!(a.is_derived());
+        assert_eq!(a, SessionId::derived("principal", "member-7"));
+        assert_ne!(a, SessionId::derived("principal", "member-8"));
+        assert_ne!(a, SessionId::derived("principals", "member-7"));
+        let r = a.reference();
+        assert_eq!(r.len(), 16);
+        assert!(!a.to_string().contains(&r));
     }
 
     #[test]

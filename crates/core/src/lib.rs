@@ -26,6 +26,7 @@
 mod id;
 mod memory;
 pub mod placement;
+pub mod principal;
 mod record;
 mod store;
 #[cfg(feature = "testing")]
@@ -33,5 +34,6 @@ pub mod testing;
 
 pub use id::{EncodedId, ParseIdError, SessionId, ID_LEN};
 pub use memory::{MemoryStats, MemoryStore};
+pub use principal::{LimitPolicy, PrincipalIndex, SessionLimit, PRINCIPAL};
 pub use record::{millis, Delta, Expiry, Record, Timestamp};
 pub use store::{BoxError, Load, SessionStore, StoreError, DEFAULT_MAX_SIZE};

@@ -47,7 +47,8 @@ pub struct MemoryStore {
 /// Occupancy figures of a [`MemoryStore`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryStats {
-    /// Sessions held, including expired ones not yet swept.
+    /// Sessions held, including expired ones not yet swept (not the
+    /// store's own records, such as users' session indexes).
     pub sessions: usize,
     /// Attribute bytes held (names plus JSON text).
     pub bytes: usize,
@@ -94,7 +95,13 @@ impl MemoryStore {
     /// Current occupancy.
     pub fn stats(&self) -> MemoryStats {
         MemoryStats {
-            sessions: self.shards.iter().map(|s| lock(s).len()).sum(),
+            // Records at derived IDs (users' session indexes) are the
+            // store's own bookkeeping, not sessions.
+            sessions: self
+                .shards
+                .iter()
+                .map(|s| lock(s).keys().filter(|id| !id.is_derived()).count())
+                .sum(),
             bytes: self.bytes.load(Ordering::Relaxed),
         }
     }

@@ -18,6 +18,13 @@ pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The principal already has the most sessions allowed and the policy
+    /// refuses new ones. HTTP: 409.
+    #[error("too many sessions: at most {max} per user")]
+    LimitReached {
+        /// The limit.
+        max: usize,
+    },
     /// The store could not be reached or did not answer in time. HTTP: 503.
     #[error("session store unavailable")]
     Unavailable(#[source] BoxError),

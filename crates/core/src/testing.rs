@@ -568,6 +568,283 @@ pub async fn values_round_trip(store: &impl SessionStore) {
     assert_eq!(must_load(store, &r.id, now).await, r);
 }
 
+/// A session of `principal` created at `now`, living `idle`, and its
+/// entry for the principal's index.
+pub fn principal_session(
+    principal: &str,
+    now: Timestamp,
+    idle: Duration,
+) -> (Record, crate::principal::Member) {
+    let mut r = record_expiring(
+        now,
+        Expiry {
+            idle,
+            absolute: None,
+        },
+        &[("loginMember", "1")],
+    );
+    r.attributes.insert(
+        crate::principal::PRINCIPAL.into(),
+        json(&serde_json::to_string(principal).expect("a string")),
+    );
+    let member = crate::principal::Member {
+        joined: now.0,
+        expires: r.expires_at().0,
+        device: [("user_agent".to_string(), "test".to_string())].into(),
+        lease: 0,
+    };
+    (r, member)
+}
+
+/// Creates a session of `principal` in `store` (see [`principal_session`]).
+async fn session_of(
+    store: &dyn SessionStore,
+    principal: &str,
+    now: Timestamp,
+    idle: Duration,
+) -> SessionId {
+    let (r, _) = principal_session(principal, now, idle);
+    store.create(&r).await.expect("create");
+    r.id
+}
+
+fn member_at(now: Timestamp, idle: Duration) -> crate::principal::Member {
+    let (_, m) = principal_session("", now, idle);
+    m
+}
+
+fn test_index<S: SessionStore>(store: &Arc<S>) -> crate::principal::PrincipalIndex {
+    // Each case in its own namespace: stores may be shared between cases.
+    crate::principal::PrincipalIndex::new(store.clone())
+        .with_namespace(&SessionId::random().to_string())
+}
+
+/// A principal's index lists its live sessions, ends one, renames one,
+/// ends all but one, then all.
+pub async fn principal_index_lists_and_ends<S: SessionStore>(store: Arc<S>) {
+    use crate::principal::InStore;
+    let idx = test_index(&store);
+    let alive = InStore(store.clone());
+    let now = Timestamp::now();
+    let idle = Duration::from_secs(600);
+    let mut alice = Vec::new();
+    for _ in 0..3 {
+        let id = session_of(&*store, "alice", now, idle).await;
+        idx.admit("alice", &id, member_at(now, idle), None, &alive, now)
+            .await
+            .unwrap();
+        alice.push(id);
+    }
+    let bob = session_of(&*store, "bob", now, idle).await;
+    idx.admit("bob", &bob, member_at(now, idle), None, &alive, now)
+        .await
+        .unwrap();
+    let listed = |l: Vec<crate::principal::Listed>| l.iter().map(|l| l.id).collect::<Vec<_>>();
+    let mut want = alice.clone();
+    want.sort();
+    let mut got = listed(idx.sessions("alice", &alive, now).await.unwrap());
+    got.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        listed(idx.sessions("bob", &alive, now).await.unwrap()),
+        vec![bob]
+    );
+    let first = &idx.sessions("alice", &alive, now).await.unwrap()[0];
+    assert_eq!(
+        first.member.device.get("user_agent").map(String::as_str),
+        Some("test")
+    );
+    assert!(
+        first.record.is_some(),
+        "a store's listing carries the session"
+    );
+
+    // End one: the session is gone from the store and the list.
+    assert!(idx.end_one("alice", &alice[1], &alive, now).await.unwrap());
+    assert!(store
+        .load(&alice[1], Load::at(now))
+        .await
+        .unwrap()
+        .is_none());
+    assert!(
+        !idx.end_one("alice", &bob, &alive, now).await.unwrap(),
+        "not alice's"
+    );
+    assert!(store.load(&bob, Load::at(now)).await.unwrap().is_some());
+
+    // Rotation renames.
+    let renamed = SessionId::random();
+    store
+        .rotate(&alice[0], &renamed, &Delta::default(), now)
+        .await
+        .unwrap()
+        .unwrap();
+    idx.rename("alice", &alice[0], &renamed, now).await.unwrap();
+    let got = listed(idx.sessions("alice", &alive, now).await.unwrap());
+    assert!(
+        got.contains(&renamed) && !got.contains(&alice[0]),
+        "{got:?}"
+    );
+
+    // Everywhere else, then everywhere.
+    let ended = idx
+        .end_all("alice", Some(&alice[2]), &alive, now)
+        .await
+        .unwrap();
+    assert_eq!(ended, vec![renamed]);
+    assert!(store.load(&renamed, Load::at(now)).await.unwrap().is_none());
+    assert_eq!(
+        listed(idx.sessions("alice", &alive, now).await.unwrap()),
+        vec![alice[2]]
+    );
+    idx.end_all("alice", None, &alive, now).await.unwrap();
+    assert!(idx.sessions("alice", &alive, now).await.unwrap().is_empty());
+    assert!(idx.members("alice", now).await.unwrap().is_empty());
+    assert!(store
+        .load(&alice[2], Load::at(now))
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        listed(idx.sessions("bob", &alive, now).await.unwrap()),
+        vec![bob]
+    );
+}
+
+/// Logins racing for the last slot: exactly one wins (refuse); with
+/// eviction, the principal ends with `max` live sessions and every evicted
+/// one is gone from the store.
+pub async fn principal_limit_under_concurrent_logins<S: SessionStore>(store: Arc<S>) {
+    use crate::principal::{InStore, LimitPolicy, SessionLimit};
+    let idx = test_index(&store);
+    let now = Timestamp::now();
+    let idle = Duration::from_secs(600);
+    const LOGINS: usize = 8;
+    for (policy, max) in [(LimitPolicy::Refuse, 1), (LimitPolicy::EvictOldest, 2)] {
+        let principal = format!("{policy:?}");
+        let mut tasks = Vec::new();
+        for i in 0..LOGINS {
+            let (idx, store) = (idx.clone(), store.clone());
+            let principal = principal.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = session_of(&*store, &principal, now, idle).await;
+                let mut m = member_at(now, idle);
+                m.joined += i as u64;
+                let got = idx
+                    .admit(
+                        &principal,
+                        &id,
+                        m,
+                        Some(SessionLimit { max, policy }),
+                        &InStore(store.clone()),
+                        now,
+                    )
+                    .await;
+                (id, got)
+            }));
+        }
+        let mut admitted = Vec::new();
+        let mut evicted = Vec::new();
+        for t in tasks {
+            let (id, got) = t.await.unwrap();
+            match got {
+                Ok(e) => {
+                    admitted.push(id);
+                    evicted.extend(e);
+                }
+                Err(StoreError::LimitReached { max: m }) => assert_eq!(m, max),
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let live = idx
+            .sessions(&principal, &InStore(store.clone()), now)
+            .await
+            .unwrap();
+        match policy {
+            LimitPolicy::Refuse => {
+                assert_eq!(
+                    admitted.len(),
+                    1,
+                    "{max} slot, {} logins won",
+                    admitted.len()
+                );
+                assert_eq!(live.len(), 1);
+            }
+            LimitPolicy::EvictOldest => {
+                assert_eq!(admitted.len(), LOGINS, "evicting never refuses");
+                assert_eq!(live.len(), max, "{live:?}");
+                for e in &evicted {
+                    assert!(
+                        store.load(e, Load::at(now)).await.unwrap().is_none(),
+                        "an evicted session still works"
+                    );
+                }
+                assert_eq!(evicted.len(), LOGINS - max);
+            }
+        }
+    }
+}
+
+/// Sessions that expire without a logout are reported once by the
+/// reaper, and their user's index then holds nothing: no leak.
+pub async fn principal_expiry_is_reported_once_and_leaves_nothing<S: SessionStore>(store: Arc<S>) {
+    use crate::principal::InStore;
+    let idx = test_index(&store);
+    let alive = InStore(store.clone());
+    let now = Timestamp::now();
+    let idle = Duration::from_millis(500);
+    let mut all = std::collections::BTreeSet::new();
+    for p in 0..10 {
+        let principal = format!("user-{p}");
+        for _ in 0..3 {
+            let id = session_of(&*store, &principal, now, idle).await;
+            idx.admit(&principal, &id, member_at(now, idle), None, &alive, now)
+                .await
+                .unwrap();
+            all.insert((principal.clone(), id));
+        }
+    }
+    // One survives: it was used (its expiry slid past the hint).
+    let (keep_p, keep_id) = all.iter().next().cloned().unwrap();
+    let later = now.plus(Duration::from_millis(400));
+    store
+        .load(&keep_id, Load::refreshing(later, Duration::ZERO))
+        .await
+        .unwrap()
+        .unwrap();
+    all.remove(&(keep_p.clone(), keep_id));
+
+    // Nothing is due yet.
+    let reports = std::sync::Mutex::new(Vec::new());
+    let record = |e: crate::principal::Expired| reports.lock().unwrap().push((e.principal, e.id));
+    assert_eq!(idx.reap(&alive, now, &record).await.unwrap(), 0);
+    // After the expiry (times come from the caller: no waiting).
+    let after = now.plus(Duration::from_millis(600));
+    let n = idx.reap(&alive, after, &record).await.unwrap();
+    assert_eq!(n, all.len());
+    assert_eq!(
+        idx.reap(&alive, after, &record).await.unwrap(),
+        0,
+        "reported twice"
+    );
+    let got: std::collections::BTreeSet<_> = reports.lock().unwrap().iter().cloned().collect();
+    assert_eq!(got, all);
+    for p in 0..10 {
+        let principal = format!("user-{p}");
+        let members = idx.members(&principal, after).await.unwrap();
+        if principal == keep_p {
+            assert_eq!(members.len(), 1, "the used session stays indexed");
+            assert!(members[0].1.expires > after.0, "its hint followed it");
+        } else {
+            assert!(members.is_empty(), "{principal}: {members:?}");
+        }
+    }
+    // The survivor expires too, later; then nothing at all is left.
+    let end = later.plus(Duration::from_millis(600));
+    assert_eq!(idx.reap(&alive, end, &record).await.unwrap(), 1);
+    assert!(idx.members(&keep_p, end).await.unwrap().is_empty());
+}
+
 /// Generates one `#[tokio::test]` per conformance case.
 ///
 /// `$make` is an `async` expression yielding `(store, guard)`; the guard
@@ -586,6 +863,28 @@ macro_rules! store_conformance {
         async fn concurrent_deltas_on_different_attributes() {
             let (store, _guard) = $make.await;
             $crate::testing::concurrent_deltas_on_different_attributes(
+                ::std::sync::Arc::new(store),
+            )
+            .await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn principal_limit_under_concurrent_logins() {
+            let (store, _guard) = $make.await;
+            $crate::testing::principal_limit_under_concurrent_logins(::std::sync::Arc::new(store))
+                .await;
+        }
+
+        #[tokio::test]
+        async fn principal_index_lists_and_ends() {
+            let (store, _guard) = $make.await;
+            $crate::testing::principal_index_lists_and_ends(::std::sync::Arc::new(store)).await;
+        }
+
+        #[tokio::test]
+        async fn principal_expiry_is_reported_once_and_leaves_nothing() {
+            let (store, _guard) = $make.await;
+            $crate::testing::principal_expiry_is_reported_once_and_leaves_nothing(
                 ::std::sync::Arc::new(store),
             )
             .await;

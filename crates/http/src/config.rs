@@ -61,6 +61,14 @@ pub struct SessionConfig {
     pub(crate) expiry: Expiry,
     pub(crate) refresh_fraction: f64,
     pub(crate) clock: Clock,
+    /// The attribute that names the principal when set (e.g. `loginMember`).
+    pub(crate) principal_attribute: Option<String>,
+    pub(crate) session_limit: Option<tether_core::SessionLimit>,
+    /// Record the user agent and address of a session at login.
+    pub(crate) record_device: bool,
+    /// This server's name, recorded with a session at login.
+    pub(crate) node: Option<String>,
+    pub(crate) listener: Option<crate::users::Listener>,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -76,6 +84,10 @@ impl fmt::Debug for SessionConfig {
             .field("header", &self.header)
             .field("expiry", &self.expiry)
             .field("refresh_fraction", &self.refresh_fraction)
+            .field("principal_attribute", &self.principal_attribute)
+            .field("session_limit", &self.session_limit)
+            .field("record_device", &self.record_device)
+            .field("node", &self.node)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +106,11 @@ impl Default for SessionConfig {
             expiry: Expiry::default(),
             refresh_fraction: 0.25,
             clock: Arc::new(Timestamp::now),
+            principal_attribute: None,
+            session_limit: None,
+            record_device: true,
+            node: None,
+            listener: None,
         }
     }
 }
@@ -221,6 +238,60 @@ impl SessionConfig {
     #[must_use]
     pub fn with_clock(mut self, clock: impl Fn() -> Timestamp + Send + Sync + 'static) -> Self {
         self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Makes attribute `name` name the session's principal (the logged-in
+    /// user) whenever it is set: `session.insert("loginMember", 7)` then
+    /// also does `session.set_principal("7")`. A string value is used as
+    /// is, any other by its JSON text.
+    #[must_use]
+    pub fn with_principal_attribute(mut self, name: impl Into<String>) -> Self {
+        self.principal_attribute = Some(name.into());
+        self
+    }
+
+    /// At most `limit.max` sessions per principal; a login beyond it is
+    /// refused (409) or ends the longest-standing session, per
+    /// `limit.policy`. Atomic under concurrent logins.
+    ///
+    /// # Panics
+    /// If `limit.max` is 0.
+    #[must_use]
+    pub fn with_session_limit(mut self, limit: tether_core::SessionLimit) -> Self {
+        assert!(
+            limit.max >= 1,
+            "a session limit must allow at least one session"
+        );
+        self.session_limit = Some(limit);
+        self
+    }
+
+    /// Whether a session's user agent and address (the first
+    /// `X-Forwarded-For` hop, else `X-Real-IP`) are recorded at login for
+    /// the user's session list (default on).
+    #[must_use]
+    pub fn with_device_recording(mut self, record: bool) -> Self {
+        self.record_device = record;
+        self
+    }
+
+    /// This server's name, recorded with a session at login.
+    #[must_use]
+    pub fn with_node_name(mut self, node: impl Into<String>) -> Self {
+        self.node = Some(node.into());
+        self
+    }
+
+    /// Calls `listener` with every session event this server sees: created,
+    /// rotated, destroyed (logout, revocation, eviction) and expired (from
+    /// [`crate::SessionLayer::spawn_reaper`]).
+    #[must_use]
+    pub fn with_listener(
+        mut self,
+        listener: impl Fn(crate::SessionEvent) + Send + Sync + 'static,
+    ) -> Self {
+        self.listener = Some(Arc::new(listener));
         self
     }
 

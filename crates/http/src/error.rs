@@ -54,6 +54,10 @@ pub enum SessionError {
     /// request was changing it; nothing was saved.
     #[error("session ended or was replaced by a concurrent request (logout, login, expiry); nothing was saved")]
     Gone,
+    /// This strategy cannot do that (e.g. list a user's tokens without a
+    /// revocation store).
+    #[error("not supported here: {0}")]
+    Unsupported(&'static str),
 }
 
 impl SessionError {
@@ -63,6 +67,7 @@ impl SessionError {
             Self::Store(e) => store_status(e),
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Contention { .. } | Self::Gone => StatusCode::CONFLICT,
+            Self::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             Self::Encode { .. } | Self::Decode { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -72,7 +77,7 @@ pub(crate) fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        StoreError::Conflict => StatusCode::CONFLICT,
+        StoreError::Conflict | StoreError::LimitReached { .. } => StatusCode::CONFLICT,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

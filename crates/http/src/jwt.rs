@@ -48,3 +48,50 @@ impl JwtSessions {
         self.revocation.as_ref()
     }
 }
+
+/// Tokens seen by a user's session index: a token is live until its expiry
+/// unless revoked; ending one revokes it. The index lives in the
+/// revocation store (a token's session is nowhere else).
+pub(crate) struct Tokens(pub(crate) Revocation);
+
+#[async_trait::async_trait]
+impl tether_core::principal::Sessions for Tokens {
+    async fn live(
+        &self,
+        principal: &str,
+        id: &tether_core::SessionId,
+        member: &tether_core::principal::Member,
+        now: tether_core::Timestamp,
+    ) -> Result<Option<Option<tether_core::Record>>, tether_core::StoreError> {
+        if member.expires <= now.0 {
+            return Ok(None);
+        }
+        let revoked = self
+            .0
+            .is_revoked_id(
+                Some(principal),
+                id,
+                tether_core::Timestamp(member.joined),
+                now,
+            )
+            .await?;
+        Ok((!revoked).then_some(None))
+    }
+
+    async fn end(
+        &self,
+        principal: &str,
+        id: &tether_core::SessionId,
+        member: &tether_core::principal::Member,
+        now: tether_core::Timestamp,
+    ) -> Result<(), tether_core::StoreError> {
+        self.0
+            .revoke_id(
+                Some(principal),
+                id,
+                tether_core::Timestamp(member.expires),
+                now,
+            )
+            .await
+    }
+}

@@ -64,6 +64,7 @@ mod extract;
 mod jwt;
 mod layer;
 mod session;
+mod users;
 
 pub use config::{Clock, SameSite, SessionConfig};
 pub use error::SessionError;
@@ -71,5 +72,7 @@ pub use jwt::JwtSessions;
 pub use layer::{SessionLayer, SessionService};
 pub use session::Session;
 pub use tether_core::{
-    Delta, Expiry, Load, MemoryStore, Record, SessionId, SessionStore, StoreError, Timestamp,
+    Delta, Expiry, LimitPolicy, Load, MemoryStore, Record, SessionId, SessionLimit, SessionStore,
+    StoreError, Timestamp,
 };
+pub use users::{EndReason, EventKind, Listener, Principals, SessionEvent, SessionInfo};

@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tether_core::principal::{InStore, Member, PrincipalIndex, PRINCIPAL};
 use tether_core::{millis, Delta, Load, Record, SessionId, SessionStore, StoreError, Timestamp};
 use tokio::sync::OnceCell;
 
 use crate::config::SessionConfig;
 use crate::error::SessionError;
+use crate::users::{emit, EndReason, EventKind, Principals, SessionInfo};
 
 /// Handle to the current request's session.
 ///
@@ -53,6 +55,8 @@ struct Inner {
     fresh: Mutex<Option<Option<Record>>>,
     /// Subject and expiry of the verified token (stateless mode).
     verified: std::sync::OnceLock<tether_jwt::Verified>,
+    /// What the request says of the client's device (recorded at login).
+    device: std::collections::BTreeMap<String, String>,
     state: Mutex<State>,
 }
 
@@ -138,6 +142,49 @@ impl Turns {
     }
 }
 
+/// The user-session index of `backend`: in the session store, or for
+/// tokens in the revocation store (none without one).
+pub(crate) fn principals_of(
+    backend: &Backend,
+    listener: Option<crate::users::Listener>,
+) -> Option<Principals> {
+    match backend {
+        Backend::Store(store, _) => Some(Principals::new(
+            PrincipalIndex::new(store.clone()),
+            Arc::new(InStore(store.clone())),
+            listener,
+        )),
+        Backend::Jwt(jwt) => jwt.revocation.as_ref().map(|r| {
+            Principals::new(
+                PrincipalIndex::new(r.store().clone()),
+                Arc::new(crate::jwt::Tokens(r.clone())),
+                listener,
+            )
+        }),
+    }
+}
+
+/// The principal a record names.
+fn principal_of(record: &Record) -> Option<String> {
+    record
+        .attributes
+        .get(PRINCIPAL)
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+/// What `delta` does to the principal: `Some(Some(p))` names `p`,
+/// `Some(None)` removes it, `None` leaves it.
+fn principal_change(delta: &Delta) -> Option<Option<String>> {
+    if let Some(change) = delta.changes.get(PRINCIPAL) {
+        return Some(
+            change
+                .as_deref()
+                .and_then(|raw| serde_json::from_str(raw.get()).ok()),
+        );
+    }
+    delta.clear.then_some(None)
+}
+
 /// How many times `modify` reads again and retries after another request
 /// changed the attribute first, before answering 409.
 const MODIFY_TRIES: u32 = 16;
@@ -174,6 +221,7 @@ impl Session {
         config: Arc<SessionConfig>,
         incoming: Option<SessionId>,
         token: Option<String>,
+        device: std::collections::BTreeMap<String, String>,
     ) -> Self {
         let now = (config.clock)();
         Self {
@@ -186,6 +234,7 @@ impl Session {
                 loaded: OnceCell::new(),
                 fresh: Mutex::new(None),
                 verified: std::sync::OnceLock::new(),
+                device,
                 state: Mutex::new(State::default()),
             }),
         }
@@ -307,7 +356,177 @@ impl Session {
         if matches!(self.inner.backend, Backend::Jwt(_)) {
             self.record().await?;
         }
+        if self.inner.config.principal_attribute.as_deref() == Some(key) {
+            let principal =
+                serde_json::from_str::<String>(raw.get()).unwrap_or_else(|_| raw.get().to_string());
+            self.set_raw(PRINCIPAL, Some(encode(PRINCIPAL, &principal)?))?;
+        }
         self.set_raw(key, Some(raw))
+    }
+
+    /// Names the session's principal (the logged-in user): the session
+    /// joins the user's session list, counts against the session limit,
+    /// and ends with "log out everywhere". Call it at login, with
+    /// [`Session::cycle_id`]. (Or configure
+    /// [`SessionConfig::with_principal_attribute`].)
+    ///
+    /// # Errors
+    /// As [`Session::insert`].
+    pub async fn set_principal(&self, principal: impl Into<String>) -> Result<(), SessionError> {
+        self.insert(PRINCIPAL, principal.into()).await
+    }
+
+    /// The session's principal, if it has one.
+    ///
+    /// # Errors
+    /// As [`Session::get`].
+    pub async fn principal(&self) -> Result<Option<String>, SessionError> {
+        self.get(PRINCIPAL).await
+    }
+
+    /// The user's sessions: every live session of this session's principal
+    /// (this one marked `current`), longest-standing first; empty when the
+    /// session has no principal.
+    ///
+    /// # Errors
+    /// [`SessionError::Store`]; [`SessionError::Unsupported`] for tokens
+    /// without a revocation store (there is nowhere to list them).
+    pub async fn sessions(&self) -> Result<Vec<SessionInfo>, SessionError> {
+        let Some(principal) = self.principal().await? else {
+            return Ok(Vec::new());
+        };
+        let principals = self.principals()?;
+        let current = self.current_id();
+        let listed = principals
+            .index()
+            .sessions(&principal, principals.sessions(), self.inner.now)
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        Ok(listed
+            .iter()
+            .map(|l| SessionInfo::of(&l.id, &l.member, l.record.as_ref(), current.as_ref()))
+            .collect())
+    }
+
+    /// Ends the user's session named `reference` ([`SessionInfo::reference`]);
+    /// `Ok(false)` if no session of this user has that name. Ending the
+    /// current session is a logout.
+    ///
+    /// # Errors
+    /// As [`Session::sessions`].
+    pub async fn end_session(&self, reference: &str) -> Result<bool, SessionError> {
+        let Some(principal) = self.principal().await? else {
+            return Ok(false);
+        };
+        let principals = self.principals()?;
+        let now = self.inner.now;
+        let listed = principals
+            .index()
+            .sessions(&principal, principals.sessions(), now)
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        let Some(target) = listed.iter().find(|l| l.id.reference() == reference) else {
+            return Ok(false);
+        };
+        if Some(target.id) == self.current_id() {
+            self.destroy().await?;
+            return Ok(true);
+        }
+        let ended = principals
+            .index()
+            .end_one(&principal, &target.id, principals.sessions(), now)
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        if ended {
+            emit(
+                principals.listener(),
+                EventKind::Destroyed {
+                    reason: EndReason::Revoked,
+                },
+                &target.id,
+                Some(&principal),
+                now,
+            );
+        }
+        Ok(ended)
+    }
+
+    /// Ends every session of the user ("log out everywhere"), or every one
+    /// but this (`keep_current`); returns how many ended. Without
+    /// `keep_current` this session ends too (a logout).
+    ///
+    /// # Errors
+    /// As [`Session::sessions`].
+    pub async fn end_all_sessions(&self, keep_current: bool) -> Result<usize, SessionError> {
+        let Some(principal) = self.principal().await? else {
+            return Ok(0);
+        };
+        let principals = self.principals()?;
+        let now = self.inner.now;
+        let current = self.current_id();
+        let keep = if keep_current { current } else { None };
+        let ended = principals
+            .index()
+            .end_all(&principal, keep.as_ref(), principals.sessions(), now)
+            .await
+            .map_err(|e| self.store_failed(e))?;
+        if !keep_current {
+            // Tokens issued before the index knew them (or whose index
+            // write was lost) end too: a "not before" for the user.
+            if let Backend::Jwt(jwt) = &self.inner.backend {
+                if let Some(r) = &jwt.revocation {
+                    r.revoke_subject(&principal, now)
+                        .await
+                        .map_err(|e| self.store_failed(e))?;
+                }
+            }
+        }
+        for id in &ended {
+            // This request's own session ends by logging out.
+            let reason = if Some(*id) == current {
+                EndReason::Logout
+            } else {
+                EndReason::Revoked
+            };
+            emit(
+                principals.listener(),
+                EventKind::Destroyed { reason },
+                id,
+                Some(&principal),
+                now,
+            );
+        }
+        let mut count = ended.len();
+        if let (false, Some(current)) = (keep_current, current) {
+            self.destroy().await?;
+            if !ended.contains(&current) {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// The ID this request's session has now (before this response).
+    fn current_id(&self) -> Option<SessionId> {
+        match &self.inner.backend {
+            Backend::Store(..) => self
+                .inner
+                .loaded
+                .get()
+                .and_then(Option::as_ref)
+                .map(|r| r.id)
+                .or(self.inner.incoming),
+            Backend::Jwt(_) => self.inner.verified.get().map(|v| v.record.id),
+        }
+    }
+
+    /// The user-session index for this layer's sessions.
+    fn principals(&self) -> Result<Principals, SessionError> {
+        principals_of(&self.inner.backend, self.inner.config.listener.clone()).ok_or(
+            SessionError::Unsupported(
+                "listing and ending a user's sessions with tokens needs a revocation store",
+            ),
+        )
     }
 
     /// Removes attribute `key` and returns its old value (saved with the
@@ -769,8 +988,23 @@ impl Session {
             }
             Ok::<(), StoreError>(())
         };
+        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone());
         if destroyed {
             revoke_current("logout").await?;
+            if let (Some(principals), Some(r)) = (&principals, &current) {
+                if let Some(p) = principal_of(r) {
+                    principals.index().remove(&p, &[r.id], now).await?;
+                }
+                let reason = EndReason::Logout;
+                let p = principal_of(r);
+                emit(
+                    principals.listener(),
+                    EventKind::Destroyed { reason },
+                    &r.id,
+                    p.as_deref(),
+                    now,
+                );
+            }
             let has_sets = delta.changes.values().any(Option::is_some);
             if !has_sets {
                 return Ok(if self.inner.token.is_some() {
@@ -779,12 +1013,20 @@ impl Session {
                     Outcome::Nothing
                 });
             }
-            return self.issue(jwt, self.project(None, &delta, next_id));
+            let record = self.project(None, &delta, next_id);
+            self.index_token(principals.as_ref(), None, &record, &delta)
+                .await?;
+            return self.issue(jwt, record);
         }
         let has_sets = delta.changes.values().any(Option::is_some);
-        let mut record = match current {
+        let mut record = match current.clone() {
             Some(r) => r,
-            None if has_sets => return self.issue(jwt, self.project(None, &delta, next_id)),
+            None if has_sets => {
+                let record = self.project(None, &delta, next_id);
+                self.index_token(principals.as_ref(), None, &record, &delta)
+                    .await?;
+                return self.issue(jwt, record);
+            }
             None => return Ok(Outcome::Nothing),
         };
         let refresh = Load::refreshing_fraction(now, self.inner.config.refresh_fraction)
@@ -805,7 +1047,61 @@ impl Session {
         } else {
             record.apply(&delta, now);
         }
+        self.index_token(principals.as_ref(), current.as_ref(), &record, &delta)
+            .await?;
         self.issue(jwt, record)
+    }
+
+    /// Keeps the user's token index (in the revocation store) in step with
+    /// the token about to be issued: a login joins (within the session
+    /// limit), a rotation renames, a later expiry extends.
+    async fn index_token(
+        &self,
+        principals: Option<&Principals>,
+        before: Option<&Record>,
+        after: &Record,
+        delta: &Delta,
+    ) -> Result<(), StoreError> {
+        let now = self.inner.now;
+        let Some(principals) = principals else {
+            return Ok(());
+        };
+        let (was, is) = (before.and_then(principal_of), principal_of(after));
+        let rotated = before.is_some_and(|b| b.id != after.id);
+        if let Some(p) = is.as_ref().filter(|p| was.as_ref() != Some(*p)) {
+            self.admit(principals, p, &after.id, delta).await?;
+            let kind = match before {
+                Some(b) if rotated => EventKind::Rotated {
+                    from: b.id.reference(),
+                },
+                _ => EventKind::Created,
+            };
+            emit(principals.listener(), kind, &after.id, Some(p), now);
+        } else if let (Some(p), Some(b)) = (&is, before) {
+            if rotated {
+                principals.index().rename(p, &b.id, &after.id, now).await?;
+                let from = b.id.reference();
+                emit(
+                    principals.listener(),
+                    EventKind::Rotated { from },
+                    &after.id,
+                    Some(p),
+                    now,
+                );
+            } else if after.expires_at() > b.expires_at() {
+                if let Err(e) = principals
+                    .index()
+                    .extend(p, &after.id, after.expires_at().0, now)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not extend a user's token index");
+                }
+            }
+        }
+        if let (Some(p), Some(b)) = (was.as_ref().filter(|p| is.as_ref() != Some(*p)), before) {
+            principals.index().remove(p, &[b.id], now).await?;
+        }
+        Ok(())
     }
 
     fn issue(&self, jwt: &crate::jwt::JwtSessions, record: Record) -> Result<Outcome, StoreError> {
@@ -850,9 +1146,36 @@ impl Session {
             _ => self.inner.incoming,
         };
 
+        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone())
+            .expect("stores always have an index");
+        let loaded = self.inner.loaded.get().and_then(Option::as_ref);
+        let mut before = loaded.and_then(principal_of);
+
         if destroyed {
             if let Some(id) = existing {
-                store.delete(&id).await?;
+                if seen.is_none() {
+                    // The logout did not read the session: read it once to
+                    // know whose index to leave.
+                    before = match self.record().await {
+                        Ok(r) => r.and_then(principal_of),
+                        Err(SessionError::Store(e)) => return Err(e),
+                        Err(_) => None,
+                    };
+                }
+                let deleted = store.delete(&id).await?;
+                if let Some(p) = &before {
+                    principals.index().remove(p, &[id], now).await?;
+                }
+                if deleted {
+                    let reason = EndReason::Logout;
+                    emit(
+                        principals.listener(),
+                        EventKind::Destroyed { reason },
+                        &id,
+                        before.as_deref(),
+                        now,
+                    );
+                }
             }
             if delta.is_empty() {
                 return Ok(if self.inner.incoming.is_some() {
@@ -867,12 +1190,46 @@ impl Session {
             });
         }
 
+        // A session not read this request is taken to have no principal:
+        // a login must not cost a read. (Had it one, its old ID is gone
+        // after the rotation: a dead member, skipped and reaped.)
+        let after = match principal_change(&delta) {
+            Some(change) => change,
+            None => before.clone(),
+        };
+        let joins = after.as_ref().filter(|p| before.as_ref() != Some(*p));
         match existing {
             Some(old) if rotate => {
                 let mut new = next_id.unwrap_or_else(|| self.fresh_id());
                 for _ in 0..8 {
-                    match store.rotate(&old, &new, &delta, now).await {
-                        Ok(Some(_)) => return Ok(Outcome::Issue(new)),
+                    if let Some(p) = joins {
+                        self.admit(&principals, p, &new, &delta).await?;
+                    }
+                    let rotated = store.rotate(&old, &new, &delta, now).await;
+                    if let (Some(p), false) = (joins, matches!(rotated, Ok(Some(_)))) {
+                        // Not written: the reservation goes (best effort; a
+                        // member without a session holds no slot anyway).
+                        let _ = principals.index().remove(p, &[new], now).await;
+                    }
+                    match rotated {
+                        Ok(Some(_)) => {
+                            if let Some(p) = &before {
+                                if after.as_ref() == Some(p) {
+                                    principals.index().rename(p, &old, &new, now).await?;
+                                } else {
+                                    principals.index().remove(p, &[old], now).await?;
+                                }
+                            }
+                            let from = old.reference();
+                            emit(
+                                principals.listener(),
+                                EventKind::Rotated { from },
+                                &new,
+                                after.as_deref(),
+                                now,
+                            );
+                            return Ok(Outcome::Issue(new));
+                        }
                         Ok(None) => return self.create(&delta, Some(new)).await,
                         Err(StoreError::Collision) => new = self.fresh_id(),
                         Err(e) => return Err(e),
@@ -880,22 +1237,43 @@ impl Session {
                 }
                 Err(StoreError::Collision)
             }
-            Some(id) if !delta.is_empty() => match store.apply(&id, &delta, now).await? {
-                Some(_) => Ok(self.slide(id)),
-                // Gone meanwhile: expired, logged out, or rotated by a
-                // concurrent login. A client-supplied ID is never brought
-                // back, and a fresh session's cookie could overwrite the one
-                // the concurrent login just issued: save nothing, say so.
-                None => Ok(Outcome::Gone),
-            },
+            Some(id) if !delta.is_empty() => {
+                if let Some(p) = joins {
+                    self.admit(&principals, p, &id, &delta).await?;
+                }
+                let applied = store.apply(&id, &delta, now).await;
+                if let (Some(p), false) = (joins, matches!(applied, Ok(Some(_)))) {
+                    let _ = principals.index().remove(p, &[id], now).await;
+                }
+                match applied? {
+                    Some(_) => {
+                        if let Some(p) = before.as_ref().filter(|p| after.as_ref() != Some(*p)) {
+                            principals.index().remove(p, &[id], now).await?;
+                        }
+                        Ok(self.slide(id))
+                    }
+                    // Gone meanwhile: expired, logged out, or rotated by a
+                    // concurrent login. A client-supplied ID is never brought
+                    // back, and a fresh session's cookie could overwrite the one
+                    // the concurrent login just issued: save nothing, say so.
+                    None => Ok(Outcome::Gone),
+                }
+            }
             Some(id) => {
-                let refreshed = self
-                    .inner
-                    .loaded
-                    .get()
-                    .and_then(Option::as_ref)
-                    .is_some_and(|r| r.last_access == now);
-                Ok(if refreshed {
+                let refreshed = loaded.filter(|r| r.last_access == now);
+                if let (Some(r), Some(p)) = (refreshed, &before) {
+                    // The session's expiry slid: its index must outlive it.
+                    // A hint only (the reaper checks before reporting), so
+                    // a failure here fails nothing.
+                    if let Err(e) = principals
+                        .index()
+                        .extend(p, &id, r.expires_at().0, now)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not extend a user's session index");
+                    }
+                }
+                Ok(if refreshed.is_some() {
                     self.slide(id)
                 } else {
                     Outcome::Nothing
@@ -903,6 +1281,53 @@ impl Session {
             }
             None => self.create(&delta, next_id).await,
         }
+    }
+
+    /// Reserves session `id` in principal `p`'s index within the session
+    /// limit, and reports the sessions evicted to make room.
+    async fn admit(
+        &self,
+        principals: &Principals,
+        p: &str,
+        id: &SessionId,
+        delta: &Delta,
+    ) -> Result<(), StoreError> {
+        let now = self.inner.now;
+        let idle = delta
+            .idle_ms
+            .unwrap_or_else(|| millis(self.inner.config.expiry.idle));
+        let mut device = self.inner.device.clone();
+        if let Some(node) = &self.inner.config.node {
+            device.insert("node".into(), node.clone());
+        }
+        let member = Member {
+            joined: now.0,
+            expires: now.0.saturating_add(idle),
+            device,
+            lease: 0,
+        };
+        let evicted = principals
+            .index()
+            .admit(
+                p,
+                id,
+                member,
+                self.inner.config.session_limit,
+                principals.sessions(),
+                now,
+            )
+            .await?;
+        for e in &evicted {
+            let reason = EndReason::Evicted;
+            emit(
+                principals.listener(),
+                EventKind::Destroyed { reason },
+                e,
+                Some(p),
+                now,
+            );
+        }
+        Ok(())
     }
 
     /// Re-sends the cookie when it has a `Max-Age`, so the browser's expiry
@@ -923,12 +1348,32 @@ impl Session {
         if record.attributes.is_empty() {
             return Ok(Outcome::Nothing);
         }
+        let Backend::Store(store, _) = &self.inner.backend else {
+            unreachable!("stateless sessions are never created in a store")
+        };
+        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone())
+            .expect("stores always have an index");
+        let principal = principal_of(&record);
+        let now = self.inner.now;
         for _ in 0..8 {
-            let Backend::Store(store, _) = &self.inner.backend else {
-                unreachable!("stateless sessions are never created in a store")
-            };
-            match store.create(&record).await {
-                Ok(()) => return Ok(Outcome::Issue(record.id)),
+            if let Some(p) = &principal {
+                self.admit(&principals, p, &record.id, delta).await?;
+            }
+            let created = store.create(&record).await;
+            if let (Some(p), false) = (&principal, created.is_ok()) {
+                let _ = principals.index().remove(p, &[record.id], now).await;
+            }
+            match created {
+                Ok(()) => {
+                    emit(
+                        principals.listener(),
+                        EventKind::Created,
+                        &record.id,
+                        principal.as_deref(),
+                        now,
+                    );
+                    return Ok(Outcome::Issue(record.id));
+                }
                 Err(StoreError::Collision) => record.id = self.fresh_id(),
                 Err(e) => return Err(e),
             }

@@ -531,3 +531,97 @@ async fn concurrent_modifies_leave_one_writers_whole_token() {
         assert_eq!(seen.body, format!("first,{item},check"));
     }
 }
+
+/// The outside probe's finding: `s` replaced by `n - s` is a second valid
+/// ECDSA encoding of the same token. Only the low-`s` form is accepted, and
+/// every token tether signs is in it.
+#[tokio::test]
+async fn a_high_s_es256_signature_is_refused_and_never_issued() {
+    const N: [u8; 32] = [
+        0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63,
+        0x25, 0x51,
+    ];
+    let keys = pem_keys("ES256", EC_PRIVATE, EC_PUBLIC);
+    let app = app(&keys, false);
+    // Signing is randomised: enough logins that an unnormalised signer
+    // would have produced a high `s` (half of them) many times over.
+    for member in 0..40 {
+        let token = app.login(member).await;
+        let (signed, sig) = token.rsplit_once('.').unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        assert_eq!(raw.len(), 64);
+        assert!(raw[32] < 0x80, "tether issued a high-S signature");
+        let r = app.send("GET", "/mypage", Some(&token), "").await;
+        assert_eq!(r.status, StatusCode::OK);
+        // n - s: still a valid signature for a library that does not care.
+        let mut high = raw.clone();
+        let mut borrow = 0i16;
+        for i in (0..32).rev() {
+            let d = i16::from(N[i]) - i16::from(raw[32 + i]) - borrow;
+            borrow = i16::from(d < 0);
+            high[32 + i] = d.rem_euclid(256) as u8;
+        }
+        let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&high));
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(JwtCodec::from_toml(&keys).unwrap().jwks()["keys"][0].clone())
+                .unwrap();
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.validate_exp = false;
+        jsonwebtoken::decode::<serde_json::Value>(
+            &forged,
+            &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+            &v,
+        )
+        .expect("n - s verifies as ECDSA");
+        app.refused(&forged, "high-S twin of a valid token").await;
+    }
+    let codec = JwtCodec::from_toml(&keys).unwrap();
+    let token = app.login(1).await;
+    let (signed, sig) = token.rsplit_once('.').unwrap();
+    let mut raw = URL_SAFE_NO_PAD.decode(sig).unwrap();
+    raw[32] = 0xff;
+    let high = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&raw));
+    assert_eq!(
+        codec.decode(&high, Timestamp::now()).unwrap_err(),
+        tether_jwt::JwtError::HighS
+    );
+}
+
+/// RFC 7515 §4.1.11: a token naming critical header extensions the verifier
+/// does not implement must be refused, even when correctly signed.
+#[tokio::test]
+async fn a_token_with_critical_header_extensions_is_refused() {
+    let keys = hs_keys("k1", &[("k1", SECRET_1, false)]);
+    let app = app(&keys, false);
+    let token = app.login(7).await;
+    let (header, rest) = token.split_once('.').unwrap();
+    let payload = rest.split('.').next().unwrap();
+    let mut h: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    for crit in [serde_json::json!(["exp"]), serde_json::json!(["b64"])] {
+        h["crit"] = crit.clone();
+        if crit == serde_json::json!(["exp"]) {
+            h["exp"] = serde_json::json!(9_999_999_999u64);
+        }
+        let header = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&h).unwrap());
+        // Signed with the real key: only `crit` is wrong.
+        let key = jsonwebtoken::EncodingKey::from_base64_secret(SECRET_1).unwrap();
+        let sig = jsonwebtoken::crypto::sign(
+            format!("{header}.{payload}").as_bytes(),
+            &key,
+            jsonwebtoken::Algorithm::HS256,
+        )
+        .unwrap();
+        let forged = format!("{header}.{payload}.{sig}");
+        app.refused(&forged, "crit header").await;
+        assert_eq!(
+            JwtCodec::from_toml(&keys)
+                .unwrap()
+                .decode(&forged, Timestamp::now())
+                .unwrap_err(),
+            tether_jwt::JwtError::CriticalExtension,
+            "{crit}"
+        );
+    }
+}

@@ -108,6 +108,15 @@ pub enum JwtError {
     /// `iss` or `aud` do not match.
     #[error("token issued for another party")]
     WrongParty,
+    /// The header lists critical extensions (`crit`, RFC 7515 §4.1.11):
+    /// this verifier implements none, so it must refuse the token.
+    #[error("token requires header extensions this verifier does not implement")]
+    CriticalExtension,
+    /// An ES256 signature whose `s` is in the upper half of the curve order:
+    /// the same token has a second valid encoding (`n - s`), which a
+    /// signer never produces here. Only the low-`s` form is accepted.
+    #[error("non-canonical (high-S) ECDSA signature")]
+    HighS,
     /// Longer than the limit.
     #[error("token of {len} bytes exceeds the limit of {max} bytes")]
     Oversized {
@@ -442,7 +451,12 @@ impl JwtCodec {
         };
         let mut header = Header::new(self.alg);
         header.kid = Some(self.signing_kid.clone());
-        jsonwebtoken::encode(&header, &claims, &self.signing).map_err(SignError)
+        let token = jsonwebtoken::encode(&header, &claims, &self.signing).map_err(SignError)?;
+        Ok(if self.alg == Algorithm::ES256 {
+            low_s(token)
+        } else {
+            token
+        })
     }
 
     /// Verifies `token` at `now`.
@@ -456,7 +470,15 @@ impl JwtCodec {
                 max: self.max_len,
             });
         }
+        // Read from the raw header: the library's header type does not keep
+        // `crit` (it drops or refuses members it does not know).
+        if names_critical_extensions(token)? {
+            return Err(JwtError::CriticalExtension);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        if self.alg == Algorithm::ES256 && has_high_s(token)? {
+            return Err(JwtError::HighS);
+        }
         // Pinned: whatever the header says, only the configured algorithm verifies.
         if header.alg != self.alg {
             return Err(JwtError::WrongAlgorithm);
@@ -521,6 +543,67 @@ impl JwtCodec {
     pub fn expiry(idle: Duration, absolute: Option<Duration>) -> Expiry {
         Expiry { idle, absolute }
     }
+}
+
+/// The order `n` of P-256's group, big-endian.
+const P256_N: [u8; 32] = [
+    0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2, 0xfc, 0x63, 0x25, 0x51,
+];
+/// `n / 2` (rounded down): a canonical `s` is at most this.
+const P256_HALF_N: [u8; 32] = [
+    0x7f, 0xff, 0xff, 0xff, 0x80, 0x00, 0x00, 0x00, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    0xde, 0x73, 0x7d, 0x56, 0xd3, 0x8b, 0xcf, 0x42, 0x79, 0xdc, 0xe5, 0x61, 0x7e, 0x31, 0x92, 0xa8,
+];
+
+/// The `s` half of an ES256 token's signature (`r || s`, 32 bytes each).
+fn es256_s(token: &str) -> Result<[u8; 32], JwtError> {
+    let sig = token.rsplit('.').next().ok_or(JwtError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| JwtError::Malformed)?;
+    sig.get(32..64)
+        .filter(|_| sig.len() == 64)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(JwtError::Malformed)
+}
+
+fn has_high_s(token: &str) -> Result<bool, JwtError> {
+    // Big-endian byte arrays of one length compare as the numbers do.
+    Ok(es256_s(token)? > P256_HALF_N)
+}
+
+/// `token` with its ECDSA `s` replaced by `n - s` when it is in the upper
+/// half: both verify, and only the low one is accepted by [`JwtCodec::decode`].
+fn low_s(token: String) -> String {
+    let Ok(s) = es256_s(&token) else {
+        return token;
+    };
+    if s <= P256_HALF_N {
+        return token;
+    }
+    let mut neg = [0u8; 32];
+    let mut borrow = 0i16;
+    for i in (0..32).rev() {
+        let d = i16::from(P256_N[i]) - i16::from(s[i]) - borrow;
+        borrow = i16::from(d < 0);
+        neg[i] = d.rem_euclid(256) as u8;
+    }
+    let (signed, sig) = token.rsplit_once('.').expect("three parts");
+    let mut raw = URL_SAFE_NO_PAD.decode(sig).expect("decoded above");
+    raw[32..64].copy_from_slice(&neg);
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(raw))
+}
+
+/// Whether the token's header has a `crit` member.
+fn names_critical_extensions(token: &str) -> Result<bool, JwtError> {
+    let header = token.split('.').next().ok_or(JwtError::Malformed)?;
+    let header = URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| JwtError::Malformed)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|_| JwtError::Malformed)?;
+    Ok(header.contains_key("crit"))
 }
 
 /// A random HS256 key file with one key, for `tether jwt-keygen` and tests.

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::value::RawValue;
-use sha2::{Digest, Sha256};
 use tether_core::{Delta, Expiry, Load, Record, SessionId, SessionStore, StoreError, Timestamp};
 
 use crate::Verified;
@@ -36,12 +35,9 @@ impl std::fmt::Debug for Revocation {
 const MARGIN_MS: u64 = 10 * 60 * 1000;
 
 fn derived(kind: &str, value: &str) -> SessionId {
-    // Hashed, so a deny entry can never collide with a live session's ID in
-    // a store the two share.
-    let digest = Sha256::digest(format!("tether-jwt\0{kind}\0{value}").as_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&digest[..16]);
-    SessionId::from_bytes(id)
+    // Marked, so a deny entry can never be addressed by a client's cookie
+    // in a store shared with sessions.
+    SessionId::derived(&format!("jwt-{kind}"), value)
 }
 
 fn raw(json: String) -> Box<RawValue> {
@@ -55,14 +51,41 @@ impl Revocation {
         Self { store, lifetime }
     }
 
+    /// The store the deny-lists live in (a user's token index lives there
+    /// too).
+    pub fn store(&self) -> &Arc<dyn SessionStore> {
+        &self.store
+    }
+
     /// Whether `token` has been revoked.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when the store cannot answer: the caller
     /// must answer 503, not let a possibly revoked token through.
     pub async fn is_revoked(&self, token: &Verified, now: Timestamp) -> Result<bool, StoreError> {
-        let jti = token.record.id.to_string();
-        match &token.subject {
+        self.is_revoked_id(
+            token.subject.as_deref(),
+            &token.record.id,
+            token.record.created,
+            now,
+        )
+        .await
+    }
+
+    /// Whether the token `jti` of `subject`, whose session was created at
+    /// `created`, has been revoked.
+    ///
+    /// # Errors
+    /// As [`Revocation::is_revoked`].
+    pub async fn is_revoked_id(
+        &self,
+        subject: Option<&str>,
+        jti: &SessionId,
+        created: Timestamp,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
+        let jti = jti.to_string();
+        match subject {
             Some(sub) => {
                 let Some(entry) = self.store.load(&derived("sub", sub), Load::at(now)).await?
                 else {
@@ -75,8 +98,7 @@ impl Revocation {
                     .unwrap_or(0);
                 // At or before: a session created in the same millisecond as
                 // "log out everywhere" is one it meant to end.
-                Ok(token.record.created.0 <= not_before
-                    || entry.attributes.contains_key(&format!("jti:{jti}")))
+                Ok(created.0 <= not_before || entry.attributes.contains_key(&format!("jti:{jti}")))
             }
             None => Ok(self
                 .store
@@ -91,13 +113,33 @@ impl Revocation {
     /// # Errors
     /// When the store fails; the logout must then not be reported as done.
     pub async fn revoke(&self, token: &Verified, now: Timestamp) -> Result<(), StoreError> {
-        let jti = token.record.id.to_string();
-        match &token.subject {
+        self.revoke_id(
+            token.subject.as_deref(),
+            &token.record.id,
+            token.expires,
+            now,
+        )
+        .await
+    }
+
+    /// Revokes the token `jti` of `subject`, valid until `expires`.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn revoke_id(
+        &self,
+        subject: Option<&str>,
+        jti: &SessionId,
+        expires: Timestamp,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let jti = jti.to_string();
+        match subject {
             Some(sub) => {
                 let mut delta = Delta::default();
-                delta.set(format!("jti:{jti}"), raw(token.expires.0.to_string()));
+                delta.set(format!("jti:{jti}"), raw(expires.0.to_string()));
                 // The entry must outlive the token it revokes.
-                let needed = token.expires.0.saturating_sub(now.0) + MARGIN_MS;
+                let needed = expires.0.saturating_sub(now.0) + MARGIN_MS;
                 delta.idle_ms = Some(needed.max(tether_core::millis(self.lifetime)));
                 match self.upsert(&derived("sub", sub), &delta, now).await {
                     // Too many revoked tokens for one user: revoking all
@@ -107,7 +149,7 @@ impl Revocation {
                 }
             }
             None => {
-                let until = token.expires.0.saturating_sub(now.0) + MARGIN_MS;
+                let until = expires.0.saturating_sub(now.0) + MARGIN_MS;
                 let expiry = Expiry {
                     idle: Duration::from_millis(until),
                     absolute: None,

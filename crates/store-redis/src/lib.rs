@@ -641,7 +641,9 @@ impl RedisStore {
         meta.version += 1;
         meta.last = meta.last.max(now.0);
         if let Some(idle) = delta.idle_ms {
+            // As the script: a new timeout sets the TTL afresh.
             meta.idle = idle;
+            meta.gc = 0;
         }
         meta.size = size as u64;
         let ttl = meta.collect_after(now.0).unwrap_or(0);

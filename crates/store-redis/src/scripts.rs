@@ -139,7 +139,9 @@ local function tether_apply(key, a)
   end
   tether_chunked('HDEL', key, rems)
   local new_idle = tonumber(a[4])
-  if new_idle >= 0 then idle = new_idle end
+  -- A new inactivity timeout (longer or shorter) sets the TTL afresh: a
+  -- session given a shorter one must not outlive it in Redis.
+  if new_idle >= 0 then idle = new_idle; gc = 0 end
   if now > last then last = now end
   v = v + 1
   gc = tether_gc(key, now, last, idle, deadline, gc)

@@ -166,10 +166,10 @@ struct Outcome {
 }
 
 /// 16 writers each add unique attributes to their own session without
-/// pause; the replica's network is cut (its own loopback address, dropped
-/// by the firewall) for half a second, so it lags, and the master is
-/// SIGKILLed before the cut heals: Sentinel promotes a replica that misses
-/// the last half second. (Stopping the replica with SIGSTOP does not make
+/// pause; the replica's replication link is cut (its own loopback source
+/// address, dropped by the firewall; the sentinels still reach it) for half
+/// a second, so it lags, then the master is SIGKILLed and the cut heals
+/// once Sentinel promoted the replica, which misses the last half second. (Stopping the replica with SIGSTOP does not make
 /// it lag reliably: the kernel keeps receiving the replication stream for
 /// it, and it catches up when continued.) Every acknowledged write is
 /// recorded and checked at the end through a fresh store (no cache).
@@ -184,7 +184,16 @@ async fn lagging_replica_then_master_kill(
     let ip = std::net::IpAddr::from(replica_ip).to_string();
     let mut set = RedisSentinels::start_with_replica(
         name,
-        &["--bind", "127.0.0.1", &ip, "--bind-source-addr", &ip],
+        &[
+            "--bind",
+            "127.0.0.1",
+            &ip,
+            "--bind-source-addr",
+            &ip,
+            // Sentinels reach it on 127.0.0.1, which the cut spares.
+            "--replica-announce-ip",
+            "127.0.0.1",
+        ],
     )
     .await
     .unwrap();
@@ -240,12 +249,14 @@ async fn lagging_replica_then_master_kill(
     .unwrap();
     let old_master = set.master.port();
     set.master.stop().await;
-    drop(cut);
+    // The link stays cut until the replica is promoted: the dead master's
+    // kernel would otherwise deliver what it still had queued.
     eventually(Duration::from_secs(30), "the replica promoted", || async {
         (set.master_port().await != Some(old_master)).then_some(())
     })
     .await
     .unwrap();
+    drop(cut);
     // Writes go on through the new master for a while, then stop.
     let promoted = Instant::now();
     eventually(Duration::from_secs(10), "writes after failover", || async {

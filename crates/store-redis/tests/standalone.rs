@@ -291,3 +291,105 @@ async fn thousands_of_attributes_fit_one_script_call() {
     assert_eq!(back.attributes.len(), 4100);
     assert!(back.attributes.values().all(|v| v.get() == "2"));
 }
+
+/// What a user's session index costs at the wire: a login that names a
+/// principal reads the index and writes it conditionally before the
+/// session's own write (a user's first login also enters the reaper's
+/// directory); a logout reads the session (whose index to leave), deletes
+/// it and writes the index.
+#[tokio::test]
+async fn round_trips_of_logins_and_logouts_with_a_principal() {
+    let (store, server) = fixture().await;
+    let layer = tether::SessionLayer::from_arc(Arc::new(store))
+        .with_config(tether::SessionConfig::default().with_principal_attribute("loginMember"));
+    let app = common::app_with(layer);
+    // Warm up: scripts loaded, the directory shard of member 7 exists.
+    let (_, warm, _) = call(&app, "POST", "/login", None).await;
+    let mut c = common::RoundTrips::new(&[&server]).await;
+    let (_, second, _) = call(&app, "POST", "/login", None).await;
+    let login = c.take().await;
+    call(&app, "POST", "/logout", second.as_deref()).await;
+    let logout = c.take().await;
+    call(&app, "POST", "/logout", warm.as_deref()).await;
+    c.take().await;
+    eprintln!("with a principal: login {login} round trips, logout {logout}");
+    assert_eq!((login, logout), (3, 3));
+}
+
+/// No leak: 10 000 sessions of 1 000 users expire without a logout; the
+/// reaper reports each once, and then nothing of them is left in Redis —
+/// no session, no index, no directory entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_expired_sessions_leave_an_empty_keyspace() {
+    use tether_core::principal::{InStore, PrincipalIndex};
+    let (store, server) = fixture().await;
+    let store: Arc<dyn SessionStore> = Arc::new(store);
+    let index = PrincipalIndex::new(store.clone());
+    // Long enough that none expires before all are written, on a busy machine.
+    let idle = std::time::Duration::from_secs(8);
+    let start = Timestamp::now();
+    let mut tasks = Vec::new();
+    for t in 0..16u64 {
+        let (store, index) = (store.clone(), index.clone());
+        tasks.push(tokio::spawn(async move {
+            let alive = InStore(store.clone());
+            for i in (t..10_000).step_by(16) {
+                let principal = format!("user-{}", i % 1000);
+                let now = Timestamp::now();
+                let (r, member) = tether_core::testing::principal_session(&principal, now, idle);
+                index
+                    .admit(&principal, &r.id, member, None, &alive, now)
+                    .await
+                    .unwrap();
+                store.create(&r).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut c = redis(&server).await;
+    let keys = |c: &mut redis::aio::MultiplexedConnection| {
+        let mut c = c.clone();
+        async move {
+            // KEYS expires what it meets: it counts only live keys.
+            let k: Vec<String> = redis::cmd("KEYS")
+                .arg("*")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            k.len()
+        }
+    };
+    assert!(keys(&mut c).await >= 10_000 + 1000);
+    eprintln!(
+        "10k sessions written in {:?}",
+        Timestamp::now().since(start)
+    );
+    let alive = InStore(store.clone());
+    let reported = std::sync::atomic::AtomicUsize::new(0);
+    let count = |_: tether_core::principal::Expired| {
+        reported.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    tether_testkit::eventually(
+        std::time::Duration::from_secs(60),
+        "every expiry reported",
+        || async {
+            index.reap(&alive, Timestamp::now(), &count).await.unwrap();
+            (reported.load(std::sync::atomic::Ordering::Relaxed) >= 10_000).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(reported.into_inner(), 10_000, "reported more than once");
+    tether_testkit::eventually(
+        std::time::Duration::from_secs(30),
+        "an empty keyspace",
+        || {
+            let mut c = c.clone();
+            async move { (keys(&mut c).await == 0).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+}

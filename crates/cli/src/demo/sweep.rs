@@ -71,8 +71,9 @@ pub async fn sweep(bin: &Path, sizes: &[usize], writes: usize) -> Result<Vec<Swe
             let counted = Snapshot::take(&fleet).await.since(&before);
             lat.sort();
             let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e3;
-            // Logins and logouts replicate too; count every write the owner made.
-            let total_writes = writes as f64 + 2.0 * (writes / 5) as f64;
+            // Logins and logouts replicate too (with the user's session
+            // index, two writes each): count every write the owners made.
+            let total_writes = counted.writes.max(1.0);
             rows.push(SweepRow {
                 strategy,
                 nodes: n,

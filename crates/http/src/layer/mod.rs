@@ -11,7 +11,8 @@ use tower_layer::Layer;
 
 use crate::config::SessionConfig;
 use crate::jwt::JwtSessions;
-use crate::session::Backend;
+use crate::session::{principals_of, Backend};
+use crate::users::Principals;
 #[cfg(doc)]
 use crate::Session;
 
@@ -77,6 +78,37 @@ impl SessionLayer {
     pub fn with_config(mut self, config: SessionConfig) -> Self {
         self.config = Arc::new(config);
         self
+    }
+
+    /// Every user's sessions, for operators: list and end them by principal
+    /// (an admin page, `tether sessions`). `None` for tokens without a
+    /// revocation store. Take it after [`SessionLayer::with_config`] (it
+    /// reports to the configured listener).
+    pub fn principals(&self) -> Option<Principals> {
+        principals_of(&self.backend, self.config.listener.clone())
+    }
+
+    /// Runs the expiry reaper every `every` on the current Tokio runtime:
+    /// sessions with a principal that expired are reported to the
+    /// configured listener as [`crate::EventKind::Expired`] (at least once;
+    /// every server may run one) and dropped from their user's index.
+    /// `None` when there is no index (tokens without a revocation store).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn spawn_reaper(&self, every: std::time::Duration) -> Option<tokio::task::JoinHandle<()>> {
+        let principals = self.principals()?;
+        let clock = self.config.clock.clone();
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = principals.reap(clock()).await {
+                    tracing::warn!(error = %e, "the session expiry reaper failed; trying again");
+                }
+            }
+        }))
     }
 }
 

@@ -50,16 +50,48 @@ enum Via {
 
 /// The first value of cookie `name` that parses as a session ID.
 ///
-/// A malformed value is "no session": it never reaches the store.
+/// A malformed value is "no session": it never reaches the store. So is a
+/// marked ID ([`SessionId::derived`]): those name the store's own records
+/// (a user's session index, deny-lists), which a client must never address.
+/// The header is read as bytes: another cookie holding a non-UTF-8 byte does
+/// not hide the session cookie.
 pub(crate) fn id_from_cookies(headers: &HeaderMap, name: &str) -> Option<SessionId> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(k, _)| *k == name)
-        .find_map(|(_, v)| SessionId::parse(v.trim_matches('"')).ok())
+        .flat_map(|v| v.as_bytes().split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let eq = pair.iter().position(|b| *b == b'=')?;
+            Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()))
+        })
+        .filter(|(k, _)| *k == name.as_bytes())
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .filter_map(|v| SessionId::parse(v.trim_matches('"')).ok())
+        .find(|id| !id.is_derived())
+}
+
+/// What a request says of its client, for a user's session list: the
+/// user agent and the address a proxy in front recorded (the first
+/// `X-Forwarded-For` hop, else `X-Real-IP`). Both are the client's word
+/// (or its proxy's): shown to the user, never trusted. Bounded in length.
+fn device(headers: &HeaderMap) -> std::collections::BTreeMap<String, String> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect::<String>())
+    };
+    let mut d = std::collections::BTreeMap::new();
+    if let Some(ua) = text("user-agent") {
+        d.insert("user_agent".into(), ua);
+    }
+    let address = text("x-forwarded-for")
+        .and_then(|v| v.split(',').next().map(|a| a.trim().to_string()))
+        .or_else(|| text("x-real-ip"));
+    if let Some(a) = address.filter(|a| !a.is_empty()) {
+        d.insert("address".into(), a);
+    }
+    d
 }
 
 fn incoming(headers: &HeaderMap, config: &SessionConfig) -> (Option<SessionId>, Via) {
@@ -71,6 +103,7 @@ fn incoming(headers: &HeaderMap, config: &SessionConfig) -> (Option<SessionId>, 
             .get(name)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| SessionId::parse(v.trim()).ok())
+            .filter(|id| !id.is_derived())
         {
             return (Some(id), Via::Header);
         }
@@ -172,18 +205,23 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
+        let device = if config.record_device {
+            device(req.headers())
+        } else {
+            std::collections::BTreeMap::new()
+        };
         let (session, via) = match &self.backend {
             Backend::Store(..) => {
                 let (id, via) = incoming(req.headers(), &config);
                 (
-                    Session::new(self.backend.clone(), config.clone(), id, None),
+                    Session::new(self.backend.clone(), config.clone(), id, None, device),
                     via,
                 )
             }
             Backend::Jwt(_) => {
                 let (token, via) = incoming_token(req.headers(), &config);
                 (
-                    Session::new(self.backend.clone(), config.clone(), None, token),
+                    Session::new(self.backend.clone(), config.clone(), None, token, device),
                     via,
                 )
             }

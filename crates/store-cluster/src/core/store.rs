@@ -646,13 +646,19 @@ impl Store {
 
     /// Sessions held and their attribute bytes, in segments `which` selects.
     pub fn stats_where(&self, mut which: impl FnMut(u16) -> bool) -> (usize, usize) {
+        // Records at derived IDs (users' session indexes) are the store's
+        // own bookkeeping, not sessions: not counted.
         (0..SEGMENTS)
             .filter(|s| which(*s))
             .map(|s| &self.segs[usize::from(s)])
-            .fold((0, 0), |(n, b), s| (n + s.live.len(), b + s.bytes))
+            .fold((0, 0), |(n, b), s| {
+                let sessions = s.live.keys().filter(|id| !id.is_derived()).count();
+                (n + sessions, b + s.bytes)
+            })
     }
 
-    /// Sessions held and their attribute bytes.
+    /// Sessions held (not counting the store's own records) and the
+    /// attribute bytes of everything held.
     pub fn stats(&self) -> (usize, usize) {
         self.stats_where(|_| true)
     }

@@ -45,12 +45,22 @@ async fn cart(session: Session) -> Result<String, SessionError> {
 }
 
 pub fn app(store: Arc<RedisStore>) -> Router {
+    app_with(SessionLayer::from_arc(store))
+}
+
+pub fn app_with(layer: SessionLayer) -> Router {
     Router::new()
         .route("/login", post(login))
         .route("/mypage", get(mypage))
         .route("/set", post(set))
         .route("/cart", post(cart))
-        .layer(SessionLayer::from_arc(store))
+        .route("/logout", post(logout))
+        .layer(layer)
+}
+
+pub async fn logout(session: Session) -> Result<&'static str, SessionError> {
+    session.destroy().await?;
+    Ok("bye")
 }
 
 pub async fn call(
