@@ -18,10 +18,10 @@
 //!   or two of the three nodes (the others, whose nodes are the store).
 //!
 //! Every answer is counted per 100 ms window (ok, logged out, failed); then
-//! everything it started is stopped. The modules: [`workload`] (the users
-//! and the clock), [`scenario`] (what happens to the fleet, on
-//! [`crate::fleet`]), [`measure`] (rows and the brief's claims), [`render`]
-//! (the terminal) and [`report`] (the HTML page); [`sweep`] measures
+//! everything it started is stopped. The modules: `workload` (the users
+//! and the clock), `scenario` (what happens to the fleet, on
+//! [`crate::fleet`]), `measure` (rows and the brief's claims), `render`
+//! (the terminal) and [`report`] (the HTML page); `sweep` measures
 //! replication cost against cluster size.
 
 mod measure;
