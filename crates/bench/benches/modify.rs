@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{arg, median, serve_on_own_core, wrk_script, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
 use tether_testkit::Client;
 
 const SESSIONS: usize = 256;
@@ -123,14 +123,12 @@ struct Row {
 }
 
 fn main() {
-    let seconds = arg("--seconds", 5);
-    let rounds = arg("--rounds", 3);
-    let connections = arg("--connections", 16);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    let Rounds {
+        seconds,
+        rounds,
+        connections,
+    } = Rounds::from_args();
+    block_on(async {
         let redis = tether_testkit::RedisServer::start()
             .await
             .expect("redis-server (apt-get install redis-server)");
@@ -142,12 +140,54 @@ fn main() {
         let on_redis = redis_layer(redis.url());
         let on_redis_blind = redis_layer(redis.url());
         type App = Box<dyn FnOnce() -> Router + Send>;
-        let setups: Vec<(&'static str, App, &'static str, Option<tether::SessionLayer>)> = vec![
-            ("tether+memory modify", Box::new({ let l = memory.clone(); move || tether_app(l, true) }), "SESSION", Some(memory)),
-            ("tether+memory get+insert", Box::new({ let l = memory_blind.clone(); move || tether_app(l, false) }), "SESSION", None),
-            ("tower-sessions+memory get+insert", Box::new(tower_sessions_app), "id", None),
-            ("tether+redis modify", Box::new({ let l = on_redis.clone(); move || tether_app(l, true) }), "SESSION", Some(on_redis)),
-            ("tether+redis get+insert", Box::new({ let l = on_redis_blind.clone(); move || tether_app(l, false) }), "SESSION", None),
+        let setups: Vec<(
+            &'static str,
+            App,
+            &'static str,
+            Option<tether::SessionLayer>,
+        )> = vec![
+            (
+                "tether+memory modify",
+                Box::new({
+                    let l = memory.clone();
+                    move || tether_app(l, true)
+                }),
+                "SESSION",
+                Some(memory),
+            ),
+            (
+                "tether+memory get+insert",
+                Box::new({
+                    let l = memory_blind.clone();
+                    move || tether_app(l, false)
+                }),
+                "SESSION",
+                None,
+            ),
+            (
+                "tower-sessions+memory get+insert",
+                Box::new(tower_sessions_app),
+                "id",
+                None,
+            ),
+            (
+                "tether+redis modify",
+                Box::new({
+                    let l = on_redis.clone();
+                    move || tether_app(l, true)
+                }),
+                "SESSION",
+                Some(on_redis),
+            ),
+            (
+                "tether+redis get+insert",
+                Box::new({
+                    let l = on_redis_blind.clone();
+                    move || tether_app(l, false)
+                }),
+                "SESSION",
+                None,
+            ),
         ];
         let mut targets = Vec::new();
         for (name, app, cookie_name, layer) in setups {
@@ -155,13 +195,25 @@ fn main() {
             let mut cookies = Vec::new();
             for _ in 0..SESSIONS {
                 let client = Client::new();
-                let r = client.post_form(&format!("http://{addr}/login"), "").await.expect("login");
+                let r = client
+                    .post_form(&format!("http://{addr}/login"), "")
+                    .await
+                    .expect("login");
                 assert!(r.status.is_success(), "{name} login: {}", r.status);
-                cookies.push(format!("{cookie_name}={}", client.cookie(cookie_name).expect("cookie")));
+                cookies.push(format!(
+                    "{cookie_name}={}",
+                    client.cookie(cookie_name).expect("cookie")
+                ));
             }
-            targets.push(Target { name, addr, cookies, layer });
+            targets.push(Target {
+                name,
+                addr,
+                cookies,
+                layer,
+            });
         }
-        let shapes: [(&str, usize); 2] = [("one session (contended)", 1), ("256 sessions", SESSIONS)];
+        let shapes: [(&str, usize); 2] =
+            [("one session (contended)", 1), ("256 sessions", SESSIONS)];
         let mut rows: Vec<Vec<Row>> = vec![vec![Row::default(); shapes.len()]; targets.len()];
         for round in 1..=rounds {
             for (s, (shape, n)) in shapes.iter().enumerate() {
@@ -192,7 +244,10 @@ fn main() {
         }
         // Two nodes sharing one Redis, one session, half the connections on
         // each: races between nodes are retried in the store, not queued.
-        let two: Vec<(&str, bool)> = vec![("tether+redis modify, 2 nodes", true), ("tether+redis get+insert, 2 nodes", false)];
+        let two: Vec<(&str, bool)> = vec![
+            ("tether+redis modify, 2 nodes", true),
+            ("tether+redis get+insert, 2 nodes", false),
+        ];
         let mut cross = Vec::new();
         for (name, atomic) in two {
             let layers = [redis_layer(redis.url()), redis_layer(redis.url())];
@@ -204,20 +259,32 @@ fn main() {
                 })
                 .collect();
             let client = Client::new();
-            client.post_form(&format!("http://{}/login", addrs[0]), "").await.expect("login");
-            let cookie = vec![format!("SESSION={}", client.cookie("SESSION").expect("cookie"))];
+            client
+                .post_form(&format!("http://{}/login", addrs[0]), "")
+                .await
+                .expect("login");
+            let cookie = vec![format!(
+                "SESSION={}",
+                client.cookie("SESSION").expect("cookie")
+            )];
             let mut runs = Vec::new();
             let (mut lost, mut answered, mut retries, mut gave_up) = (0, 0, 0, 0);
             for _ in 0..rounds {
                 let before = counters(addrs[0], &cookie).await;
                 let s0: Vec<(u64, u64)> = layers.iter().map(|l| l.modify_retries()).collect();
                 let text = script(&cookie);
-                let (u0, u1) = (format!("http://{}/incr", addrs[0]), format!("http://{}/incr", addrs[1]));
+                let (u0, u1) = (
+                    format!("http://{}/incr", addrs[0]),
+                    format!("http://{}/incr", addrs[1]),
+                );
                 let (a, b) = tokio::join!(
                     wrk_script(&u0, &text, connections / 2, seconds),
                     wrk_script(&u1, &text, connections / 2, seconds)
                 );
-                let (a, b) = (a.unwrap_or_else(|e| panic!("{e}")), b.unwrap_or_else(|e| panic!("{e}")));
+                let (a, b) = (
+                    a.unwrap_or_else(|e| panic!("{e}")),
+                    b.unwrap_or_else(|e| panic!("{e}")),
+                );
                 let after = counters(addrs[0], &cookie).await;
                 let s1: Vec<(u64, u64)> = layers.iter().map(|l| l.modify_retries()).collect();
                 let ok = a.requests - a.errors + b.requests - b.errors;
@@ -227,7 +294,12 @@ fn main() {
                     retries += s1.iter().zip(&s0).map(|(x, y)| x.0 - y.0).sum::<u64>();
                     gave_up += s1.iter().zip(&s0).map(|(x, y)| x.1 - y.1).sum::<u64>();
                 }
-                eprintln!("{name}: {:.0} req/s, answered {ok}, stored {}, errors {}", a.rps + b.rps, after - before, a.errors + b.errors);
+                eprintln!(
+                    "{name}: {:.0} req/s, answered {ok}, stored {}, errors {}",
+                    a.rps + b.rps,
+                    after - before,
+                    a.errors + b.errors
+                );
                 runs.push((a.rps + b.rps, a.p99.max(b.p99)));
             }
             cross.push((name, atomic, runs, lost, answered, retries, gave_up));
@@ -235,11 +307,18 @@ fn main() {
         println!("| shape | server | req/s (median of {rounds}) | p99 ms | vs get+insert on the same store | updates lost | retries per 1000 | 409s |");
         println!("|---|---|---|---|---|---|---|---|");
         for (s, (shape, _)) in shapes.iter().enumerate() {
-            let rps: Vec<f64> = rows.iter().map(|r| median(r[s].runs.iter().map(|w| w.rps).collect())).collect();
+            let rps: Vec<f64> = rows
+                .iter()
+                .map(|r| median(r[s].runs.iter().map(|w| w.rps).collect()))
+                .collect();
             for (t, target) in targets.iter().enumerate() {
                 let row = &rows[t][s];
                 let p99 = median(row.runs.iter().map(|w| w.p99.as_secs_f64() * 1e3).collect());
-                let base = match t { 0 => Some(rps[1]), 3 => Some(rps[4]), _ => None };
+                let base = match t {
+                    0 => Some(rps[1]),
+                    3 => Some(rps[4]),
+                    _ => None,
+                };
                 println!(
                     "| {shape} | {} | {:.0} | {p99:.2} | {} | {} of {} | {} | {} |",
                     target.name,
@@ -247,8 +326,19 @@ fn main() {
                     base.map_or("".into(), |b| format!("{:.2}", rps[t] / b)),
                     row.lost,
                     row.answered,
-                    if target.layer.is_some() { format!("{:.1}", row.retries as f64 * 1000.0 / row.answered.max(1) as f64) } else { "".into() },
-                    if target.layer.is_some() { row.gave_up.to_string() } else { "".into() },
+                    if target.layer.is_some() {
+                        format!(
+                            "{:.1}",
+                            row.retries as f64 * 1000.0 / row.answered.max(1) as f64
+                        )
+                    } else {
+                        "".into()
+                    },
+                    if target.layer.is_some() {
+                        row.gave_up.to_string()
+                    } else {
+                        "".into()
+                    },
                 );
             }
         }

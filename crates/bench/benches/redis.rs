@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{arg, median, serve_on_own_core, wrk_script, WrkResult};
+use tether_bench::{arg, block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
 use tether_testkit::redis_client as redis;
 use tether_testkit::{Client, RedisServer};
 
@@ -229,16 +229,14 @@ async fn login(addr: std::net::SocketAddr, path: &str, cookie_name: &str, name: 
 }
 
 fn main() {
-    let seconds = arg("--seconds", 5);
-    let rounds = arg("--rounds", 3);
-    let connections = arg("--connections", 16);
+    let Rounds {
+        seconds,
+        rounds,
+        connections,
+    } = Rounds::from_args();
     let pairs = arg("--pairs", 10_000usize);
     let sessions = arg("--sessions", 256usize);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    block_on(async {
         let server = RedisServer::start()
             .await
             .expect("redis-server (apt-get install redis-server)");
@@ -252,7 +250,11 @@ fn main() {
             let url = server.url();
             async move {
                 let mut c = connect(&url).await;
-                let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c).await.ok()?;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await
+                    .ok()?;
                 info.contains("connected_slaves:1").then_some(())
             }
         })
@@ -317,14 +319,24 @@ fn main() {
                 small.push(login(addr, "/login", cookie_name, name).await);
                 big.push(login(addr, "/login-big", cookie_name, name).await);
             }
-            targets.push(Target { name, addr, small, big, redis });
+            targets.push(Target {
+                name,
+                addr,
+                small,
+                big,
+                redis,
+            });
         }
 
         let shapes = [
             ("read", false, false),
             ("read-then-write", true, false),
             ("10 KB session: read", false, true),
-            ("10 KB session: read-then-write (one attribute changes)", true, true),
+            (
+                "10 KB session: read-then-write (one attribute changes)",
+                true,
+                true,
+            ),
         ];
         let mut results: BTreeMap<(usize, usize), Vec<Run>> = BTreeMap::new();
         for round in 1..=rounds {
@@ -337,7 +349,11 @@ fn main() {
                         .await
                         .expect("RESETSTAT");
                     let cpu_before = redis_cpu(&mut stats).await;
-                    let (method, path) = if *write { ("POST", "visit") } else { ("GET", "mypage") };
+                    let (method, path) = if *write {
+                        ("POST", "visit")
+                    } else {
+                        ("GET", "mypage")
+                    };
                     let r = wrk_script(
                         &format!("http://{}/{path}", target.addr),
                         &cycling(method, cookies),
@@ -374,14 +390,20 @@ fn main() {
                     );
                     if std::env::var_os("REDIS_DETAIL").is_some() {
                         for (cmd, (c, u)) in &after {
-                            eprintln!("    {cmd:<22} {:>6.2} calls/req {:>6.2} µs/call", c / requests, u / c.max(1.0));
+                            eprintln!(
+                                "    {cmd:<22} {:>6.2} calls/req {:>6.2} µs/call",
+                                c / requests,
+                                u / c.max(1.0)
+                            );
                         }
                     }
                     assert_eq!(r.errors, 0, "{} answered errors", target.name);
-                    results
-                        .entry((s, t))
-                        .or_default()
-                        .push(Run { wrk: r, redis_us, cpu_us, calls });
+                    results.entry((s, t)).or_default().push(Run {
+                        wrk: r,
+                        redis_us,
+                        cpu_us,
+                        calls,
+                    });
                 }
             }
         }
@@ -416,9 +438,21 @@ fn main() {
                     target.name,
                     rps / ts_rps,
                     rps / memory_rps,
-                    if target.redis { format!("{us:.2}") } else { "-".into() },
-                    if target.redis { format!("{cpu:.2}") } else { "-".into() },
-                    if target.redis { calls.join(", ") } else { "-".into() },
+                    if target.redis {
+                        format!("{us:.2}")
+                    } else {
+                        "-".into()
+                    },
+                    if target.redis {
+                        format!("{cpu:.2}")
+                    } else {
+                        "-".into()
+                    },
+                    if target.redis {
+                        calls.join(", ")
+                    } else {
+                        "-".into()
+                    },
                 );
             }
         }

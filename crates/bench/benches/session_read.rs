@@ -10,7 +10,7 @@
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{arg, median, serve_on_own_core, wrk, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk, Rounds, WrkResult};
 use tether_testkit::Client;
 
 fn tether_app() -> Router {
@@ -61,24 +61,25 @@ type Peer = (
 );
 
 fn main() {
-    let seconds = arg("--seconds", 5);
-    let rounds = arg("--rounds", 3);
-    let connections = arg("--connections", 16);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    let Rounds {
+        seconds,
+        rounds,
+        connections,
+    } = Rounds::from_args();
+    block_on(async {
         // The store every node of a fleet would share, for comparison: a
         // private redis-server on loopback, one round trip per read.
-        let redis = tether_testkit::RedisServer::start().await.expect("redis-server (apt-get install redis-server)");
+        let redis = tether_testkit::RedisServer::start()
+            .await
+            .expect("redis-server (apt-get install redis-server)");
         let url = redis.url();
         let keys = tether_jwt::generate_hs256_key_file("bench");
         let jwt = move |revocation: Option<String>| -> Box<dyn FnOnce() -> Router + Send> {
             let keys = keys.clone();
             Box::new(move || {
                 let codec = tether_jwt::JwtCodec::from_toml(&keys).expect("key file");
-                let mut sessions = tether::JwtSessions::new(codec.with_subject_attribute("loginMember"));
+                let mut sessions =
+                    tether::JwtSessions::new(codec.with_subject_attribute("loginMember"));
                 if let Some(url) = revocation {
                     let store = tether_redis::RedisStore::open(&url).expect("redis url");
                     sessions = sessions.with_revocation(tether_jwt::Revocation::new(
@@ -115,10 +116,16 @@ fn main() {
                 .expect("login");
             assert!(login.status.is_success(), "{name} login: {}", login.status);
             let cookie = client.cookie(cookie_name).expect("session cookie");
-            let check = client.get(&format!("http://{addr}/mypage")).await.expect("mypage");
+            let check = client
+                .get(&format!("http://{addr}/mypage"))
+                .await
+                .expect("mypage");
             assert_eq!(check.text(), "7", "{name} does not read the session");
             if name.contains("jwt") {
-                eprintln!("{name}: a session holding loginMember is a {}-byte token", cookie.len());
+                eprintln!(
+                    "{name}: a session holding loginMember is a {}-byte token",
+                    cookie.len()
+                );
             }
             targets.push((name, addr, format!("Cookie: {cookie_name}={cookie}")));
         }

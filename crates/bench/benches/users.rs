@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use axum::Router;
 use tether::{LimitPolicy, Session, SessionConfig, SessionError, SessionLayer, SessionLimit};
-use tether_bench::{arg, median, serve_on_own_core, wrk_script, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
 use tether_core::principal::{InStore, PrincipalIndex};
 use tether_core::{SessionStore, Timestamp};
 
@@ -56,14 +56,12 @@ const SCRIPT: &str = "wrk.method = \"POST\"\n\
     request = function()\n  return wrk.format(nil, nil, nil, tostring(math.random(1, 1000)))\nend\n";
 
 fn main() {
-    let seconds = arg("--seconds", 5);
-    let rounds = arg("--rounds", 3);
-    let connections = arg("--connections", 16);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
+    let Rounds {
+        seconds,
+        rounds,
+        connections,
+    } = Rounds::from_args();
+    block_on(async {
         let redis = tether_testkit::RedisServer::start()
             .await
             .expect("redis-server (apt-get install redis-server)");
@@ -85,9 +83,14 @@ fn main() {
         let mut results: Vec<Vec<WrkResult>> = vec![Vec::new(); targets.len()];
         for round in 1..=rounds {
             for (i, (name, addr)) in targets.iter().enumerate() {
-                let r = wrk_script(&format!("http://{addr}/login"), SCRIPT, connections, seconds)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                let r = wrk_script(
+                    &format!("http://{addr}/login"),
+                    SCRIPT,
+                    connections,
+                    seconds,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
                 eprintln!(
                     "round {round} {name:<28} {:>8.0} logins/s  p99 {:>8.1?}  errors {}",
                     r.rps, r.p99, r.errors
@@ -100,7 +103,12 @@ fn main() {
         println!("|---|---|---|---|");
         for (i, (name, _)) in targets.iter().enumerate() {
             let rps = median(results[i].iter().map(|r| r.rps).collect());
-            let p99 = median(results[i].iter().map(|r| r.p99.as_secs_f64() * 1e3).collect());
+            let p99 = median(
+                results[i]
+                    .iter()
+                    .map(|r| r.p99.as_secs_f64() * 1e3)
+                    .collect(),
+            );
             let base = median(results[i / 3 * 3].iter().map(|r| r.rps).collect());
             println!("| {name} | {rps:.0} | {p99:.2} | {:.2} |", rps / base);
         }

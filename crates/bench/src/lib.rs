@@ -274,3 +274,41 @@ time for request:      120us      9.10ms       7.40ms      1.20ms    70.00%
         assert_eq!(parse_wrk("Requests/sec: 5\n"), None);
     }
 }
+
+/// The options of the `wrk`-driven benchmarks: `--seconds` per run
+/// (default 5), `--rounds` alternating between the servers (3) and `wrk`'s
+/// `--connections` (16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rounds {
+    /// Seconds per `wrk` run.
+    pub seconds: u32,
+    /// Rounds, each running every server once.
+    pub rounds: u32,
+    /// Connections `wrk` keeps open.
+    pub connections: u32,
+}
+
+impl Rounds {
+    /// The options from the command line, with their defaults.
+    #[must_use]
+    pub fn from_args() -> Self {
+        Self {
+            seconds: arg("--seconds", 5),
+            rounds: arg("--rounds", 3),
+            connections: arg("--connections", 16),
+        }
+    }
+}
+
+/// Runs a benchmark's driver on a single-threaded runtime: the driver keeps
+/// to one core, the servers under test have their own.
+///
+/// # Panics
+/// If the runtime cannot be built.
+pub fn block_on<F: std::future::Future>(driver: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(driver)
+}

@@ -42,6 +42,27 @@ impl Timestamp {
     pub fn since(self, earlier: Timestamp) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))
     }
+
+    /// A deadline as compact encodings carry it: 0 for "none" ([`Self::MAX`]),
+    /// which keeps `u64::MAX` out of JSON numbers and Redis strings.
+    #[must_use]
+    pub fn deadline_to_wire(self) -> u64 {
+        if self == Self::MAX {
+            0
+        } else {
+            self.0
+        }
+    }
+
+    /// The inverse of [`Self::deadline_to_wire`].
+    #[must_use]
+    pub fn deadline_from_wire(ms: u64) -> Self {
+        if ms == 0 {
+            Self::MAX
+        } else {
+            Self(ms)
+        }
+    }
 }
 
 /// The expiry policy: a sliding inactivity timeout capped by an absolute lifetime.

@@ -441,11 +441,7 @@ impl JwtCodec {
             ct: record.created.0,
             la: record.last_access.0,
             idl: record.idle_ms,
-            dl: if record.deadline == Timestamp::MAX {
-                0
-            } else {
-                record.deadline.0
-            },
+            dl: record.deadline.deadline_to_wire(),
             v: record.version,
             attrs: record.attributes.clone(),
         };
@@ -520,11 +516,7 @@ impl JwtCodec {
             created: Timestamp(c.ct),
             last_access: Timestamp(c.la),
             idle_ms: c.idl,
-            deadline: if c.dl == 0 {
-                Timestamp::MAX
-            } else {
-                Timestamp(c.dl)
-            },
+            deadline: Timestamp::deadline_from_wire(c.dl),
             version: c.v,
         };
         // The token's own expiry is authoritative, the record's a cross-check.

@@ -45,11 +45,7 @@ impl Meta {
             version: record.version,
             last: record.last_access.0,
             idle: record.idle_ms,
-            deadline: if record.deadline == Timestamp::MAX {
-                0
-            } else {
-                record.deadline.0
-            },
+            deadline: record.deadline.deadline_to_wire(),
             created: record.created.0,
             size: record.size() as u64,
             gc: 0,
@@ -179,11 +175,7 @@ pub(crate) fn parse_hash(
             created: Timestamp(m.created),
             last_access: Timestamp(m.last),
             idle_ms: m.idle,
-            deadline: if m.deadline == 0 {
-                Timestamp::MAX
-            } else {
-                Timestamp(m.deadline)
-            },
+            deadline: Timestamp::deadline_from_wire(m.deadline),
             version: m.version,
         },
         m,
