@@ -17,6 +17,9 @@ use tether::{
 use tether_jwt::{JwtCodec, Revocation};
 use tower::ServiceExt;
 
+mod common;
+use common::{login, mypage};
+
 const SECRET_1: &str = "c2VjcmV0LW9uZS1zZWNyZXQtb25lLXNlY3JldC1vbmUtMzI=";
 const SECRET_2: &str = "c2VjcmV0LXR3by1zZWNyZXQtdHdvLXNlY3JldC10d28tMzI=";
 const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIEPu663hQG58no+sQ4pp2yymheXLS7S1D6nRTzBT8i4A\n-----END PRIVATE KEY-----\n";
@@ -38,21 +41,6 @@ fn pem_keys(alg: &str, private: &str, public: &str) -> String {
     format!(
         "algorithm = \"{alg}\"\nsigning_kid = \"k\"\n[[key]]\nkid = \"k\"\nprivate_pem = \"\"\"\n{private}\"\"\"\npublic_pem = \"\"\"\n{public}\"\"\"\n"
     )
-}
-
-async fn login(session: Session, body: String) -> Result<&'static str, SessionError> {
-    session.cycle_id().await?;
-    session
-        .insert("loginMember", body.trim().parse::<u64>().unwrap_or(7))
-        .await?;
-    Ok("ok")
-}
-
-async fn mypage(session: Session) -> Result<(StatusCode, String), SessionError> {
-    Ok(match session.get::<u64>("loginMember").await? {
-        Some(m) => (StatusCode::OK, m.to_string()),
-        None => (StatusCode::UNAUTHORIZED, "not logged in".into()),
-    })
 }
 
 async fn set(session: Session, body: String) -> Result<&'static str, SessionError> {

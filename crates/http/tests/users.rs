@@ -17,20 +17,8 @@ use tether::{
 };
 use tower::ServiceExt;
 
-async fn login(session: Session, body: String) -> Result<&'static str, SessionError> {
-    session.cycle_id().await?;
-    session
-        .insert("loginMember", body.trim().parse::<u64>().unwrap_or(7))
-        .await?;
-    Ok("ok")
-}
-
-async fn mypage(session: Session) -> Result<(StatusCode, String), SessionError> {
-    Ok(match session.get::<u64>("loginMember").await? {
-        Some(m) => (StatusCode::OK, m.to_string()),
-        None => (StatusCode::UNAUTHORIZED, "not logged in".into()),
-    })
-}
+mod common;
+use common::{login, mypage};
 
 async fn sessions(session: Session) -> Result<Json<serde_json::Value>, SessionError> {
     Ok(Json(
