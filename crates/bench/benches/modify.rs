@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk_options, wrk_script, WrkResult};
 use tether_testkit::Client;
 
 const SESSIONS: usize = 256;
@@ -123,11 +123,7 @@ struct Row {
 }
 
 fn main() {
-    let Rounds {
-        seconds,
-        rounds,
-        connections,
-    } = Rounds::from_args();
+    let (seconds, rounds, connections) = wrk_options();
     block_on(async {
         let redis = tether_testkit::RedisServer::start()
             .await

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{arg, block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
+use tether_bench::{arg, block_on, median, serve_on_own_core, wrk_options, wrk_script, WrkResult};
 use tether_testkit::redis_client as redis;
 use tether_testkit::{Client, RedisServer};
 
@@ -229,11 +229,7 @@ async fn login(addr: std::net::SocketAddr, path: &str, cookie_name: &str, name: 
 }
 
 fn main() {
-    let Rounds {
-        seconds,
-        rounds,
-        connections,
-    } = Rounds::from_args();
+    let (seconds, rounds, connections) = wrk_options();
     let pairs = arg("--pairs", 10_000usize);
     let sessions = arg("--sessions", 256usize);
     block_on(async {

@@ -10,7 +10,7 @@
 
 use axum::routing::{get, post};
 use axum::Router;
-use tether_bench::{block_on, median, serve_on_own_core, wrk, Rounds, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk, wrk_options, WrkResult};
 use tether_testkit::Client;
 
 fn tether_app() -> Router {
@@ -61,11 +61,7 @@ type Peer = (
 );
 
 fn main() {
-    let Rounds {
-        seconds,
-        rounds,
-        connections,
-    } = Rounds::from_args();
+    let (seconds, rounds, connections) = wrk_options();
     block_on(async {
         // The store every node of a fleet would share, for comparison: a
         // private redis-server on loopback, one round trip per read.

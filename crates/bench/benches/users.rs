@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use axum::Router;
 use tether::{LimitPolicy, Session, SessionConfig, SessionError, SessionLayer, SessionLimit};
-use tether_bench::{block_on, median, serve_on_own_core, wrk_script, Rounds, WrkResult};
+use tether_bench::{block_on, median, serve_on_own_core, wrk_options, wrk_script, WrkResult};
 use tether_core::principal::{InStore, PrincipalIndex};
 use tether_core::{SessionStore, Timestamp};
 
@@ -56,11 +56,7 @@ const SCRIPT: &str = "wrk.method = \"POST\"\n\
     request = function()\n  return wrk.format(nil, nil, nil, tostring(math.random(1, 1000)))\nend\n";
 
 fn main() {
-    let Rounds {
-        seconds,
-        rounds,
-        connections,
-    } = Rounds::from_args();
+    let (seconds, rounds, connections) = wrk_options();
     block_on(async {
         let redis = tether_testkit::RedisServer::start()
             .await

@@ -226,6 +226,31 @@ pub fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The options of the `wrk`-driven benchmarks, as `(seconds, rounds,
+/// connections)`: `--seconds` per run (default 5), `--rounds` alternating
+/// between the servers (3) and `wrk`'s `--connections` (16).
+#[must_use]
+pub fn wrk_options() -> (u32, u32, u32) {
+    (
+        arg("--seconds", 5),
+        arg("--rounds", 3),
+        arg("--connections", 16),
+    )
+}
+
+/// Runs a benchmark's driver on a single-threaded runtime: the driver keeps
+/// to one core, the servers under test have their own.
+///
+/// # Panics
+/// If the runtime cannot be built.
+pub fn block_on<F: std::future::Future>(driver: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(driver)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,42 +298,4 @@ time for request:      120us      9.10ms       7.40ms      1.20ms    70.00%
     fn an_incomplete_report_is_none() {
         assert_eq!(parse_wrk("Requests/sec: 5\n"), None);
     }
-}
-
-/// The options of the `wrk`-driven benchmarks: `--seconds` per run
-/// (default 5), `--rounds` alternating between the servers (3) and `wrk`'s
-/// `--connections` (16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rounds {
-    /// Seconds per `wrk` run.
-    pub seconds: u32,
-    /// Rounds, each running every server once.
-    pub rounds: u32,
-    /// Connections `wrk` keeps open.
-    pub connections: u32,
-}
-
-impl Rounds {
-    /// The options from the command line, with their defaults.
-    #[must_use]
-    pub fn from_args() -> Self {
-        Self {
-            seconds: arg("--seconds", 5),
-            rounds: arg("--rounds", 3),
-            connections: arg("--connections", 16),
-        }
-    }
-}
-
-/// Runs a benchmark's driver on a single-threaded runtime: the driver keeps
-/// to one core, the servers under test have their own.
-///
-/// # Panics
-/// If the runtime cannot be built.
-pub fn block_on<F: std::future::Future>(driver: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(driver)
 }
