@@ -694,17 +694,23 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
         f.abort();
         eprintln!();
     }
+    let mut sweep_failed = false;
     let sweep = if args.sweep_nodes.is_empty() {
         None
     } else {
         if !quiet {
             eprintln!("… sweeping cluster sizes {:?}", args.sweep_nodes);
         }
-        Some(
-            tether_cli::demo::sweep(&bin, &args.sweep_nodes, 100)
-                .await
-                .map_err(|e| anyhow::anyhow!("sweep: {e}"))?,
-        )
+        // A sweep that fails keeps the scenarios' results: they are printed
+        // and reported without it, and the exit status says it failed.
+        match tether_cli::demo::sweep(&bin, &args.sweep_nodes, 100).await {
+            Ok(rows) => Some(rows),
+            Err(e) => {
+                eprintln!("tether demo: the sweep failed: {e}");
+                sweep_failed = true;
+                None
+            }
+        }
     };
     if let Some(path) = &args.report {
         let page = tether_cli::demo::report::html(&rows, &config, sweep.as_deref())
@@ -726,7 +732,11 @@ async fn demo(args: DemoArgs) -> anyhow::Result<ExitCode> {
             print!("{}", tether_cli::demo::render_sweep(s));
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if sweep_failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// A future that resolves on SIGINT or SIGTERM.

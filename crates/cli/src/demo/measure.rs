@@ -528,10 +528,12 @@ fn f1(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.2}"))
 }
 
-/// Copies of each session the nodes held: sessions held over users.
+/// Copies of each session the nodes held: sessions held over sessions
+/// made, the users' and the brief's scenario's login.
 fn copies(r: &Row) -> Option<f64> {
     let held: Vec<u64> = r.sessions_per_node.values().filter_map(|v| *v).collect();
-    (!held.is_empty() && r.users > 0).then(|| held.iter().sum::<u64>() as f64 / r.users as f64)
+    let made = r.users + usize::from(!r.login_node.is_empty());
+    (!held.is_empty() && r.users > 0).then(|| held.iter().sum::<u64>() as f64 / made as f64)
 }
 
 fn per_node(r: &Row) -> String {
@@ -558,6 +560,23 @@ fn claim(
             column,
             brief,
             measured: format!("not run: needs {needs}"),
+            verdict: Verdict::NotMeasured,
+        };
+    }
+    // A run in which nobody logged in, or no write was acknowledged, loses
+    // nothing because it did nothing: it cannot confirm or correct.
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.users == 0 || r.acknowledged_writes == 0)
+    {
+        return Claim {
+            row,
+            column,
+            brief,
+            measured: format!(
+                "{} in {}: {} users logged in, {} writes acknowledged; nothing to judge",
+                r.strategy, r.scenario, r.users, r.acknowledged_writes
+            ),
             verdict: Verdict::NotMeasured,
         };
     }
@@ -769,11 +788,16 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
                     r.failed_after_kill
                 )
             });
+            // Recovered: nobody logged out, nothing lost, and the fleet
+            // answered (at most 1% of all requests failed after the event:
+            // writes in flight to the dead node are not resent).
             (
                 text,
-                clustering
-                    .iter()
-                    .all(|r| r.users_logged_out == 0 && r.acknowledged_writes_lost == 0),
+                clustering.iter().all(|r| {
+                    r.users_logged_out == 0
+                        && r.acknowledged_writes_lost == 0
+                        && r.failed_after_kill * 100 <= r.requests
+                }),
             )
         },
     ));
@@ -931,9 +955,10 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
             // N−1 messages per write grows by one per node: linear. More than
             // 1.5 per node would be worse than linear.
             let worse = clustering.iter().any(|r| {
-                r.replication_messages_per_write_after_join.unwrap_or(0.0)
-                    - r.replication_messages_per_write.unwrap_or(0.0)
-                    > 1.5
+                matches!(
+                    (r.replication_messages_per_write, r.replication_messages_per_write_after_join),
+                    (Some(a), Some(b)) if b - a > 1.5
+                )
             });
             (text, worse)
         },
@@ -1010,6 +1035,8 @@ mod tests {
     fn row(scenario: Scenario, strategy: Strategy) -> Row {
         let mut r = Row::new(scenario, strategy);
         r.users = 30;
+        r.acknowledged_writes = 90;
+        r.requests = 360;
         r
     }
 
@@ -1072,6 +1099,30 @@ mod tests {
         assert_eq!(
             verdict(&claims, "Sticky Session", "세션 유실"),
             Verdict::NotMeasured
+        );
+    }
+
+    #[test]
+    fn a_run_that_did_nothing_lost_nothing_and_judges_nothing() {
+        // Every login refused: no user, nothing acknowledged, nothing lost.
+        let mut backup = row(Scenario::Kill, Strategy::ReplicatedBackup);
+        backup.users = 0;
+        backup.acknowledged_writes = 0;
+        assert_eq!(
+            verdict(
+                &claims(&[backup.clone()]),
+                "세션 클러스터링",
+                "복제본으로 복구"
+            ),
+            Verdict::NotMeasured
+        );
+        // Users, but every answer after the kill a 503: not recovered.
+        backup.users = 30;
+        backup.acknowledged_writes = 30;
+        backup.failed_after_kill = 200;
+        assert_eq!(
+            verdict(&claims(&[backup]), "세션 클러스터링", "복제본으로 복구"),
+            Verdict::Corrected
         );
     }
 

@@ -160,6 +160,7 @@ async fn attempt(
     row.sessions_per_node = held(&fleet).await;
     // Three nodes serving, nothing happened yet: the steady state's costs.
     let at_event = Snapshot::take(&fleet).await;
+    let t_event = shopping.now();
 
     // What the scenario does; `join` keeps the counters when the fleet
     // grew (scale-out), to tell the cost at 3 nodes from the cost at 4.
@@ -265,9 +266,10 @@ async fn attempt(
     if strategy.is_replicated() {
         row.replication_messages_per_write = three.messages_per_write();
         row.replication_bytes_per_write = three.bytes_per_write();
-        // Hops to the owner on another node (a killed node's count is lost).
-        let hops = end.since(&start).forwarded;
-        row.store_round_trips_per_request = Some(hops / requests(Duration::ZERO, whole));
+        // Hops to the owner on another node, before the event: a killed or
+        // restarted node's count dies with its process.
+        row.store_round_trips_per_request =
+            Some(three.forwarded / requests(Duration::ZERO, t_event));
     } else if let Some(calls) = calls_end {
         row.store_round_trips_per_request = Some(calls / requests(Duration::ZERO, whole));
     } else if matches!(backing, Backing::None) {

@@ -106,20 +106,33 @@ impl Shopping {
     }
 
     /// Waits until no request has failed for `quiet` (counting from now at
-    /// the earliest), or until `cap` passed.
+    /// the earliest) while the users were being served, or until `cap`
+    /// passed. Silence is not recovery: requests that hang answer nothing,
+    /// so the quiet must also hold successful answers.
     pub(crate) async fn quiet_for(&self, quiet: Duration, cap: Duration) {
+        // Enough answers to say the fleet serves, not one lucky request.
+        const SERVED: usize = 10;
         let (from, deadline) = (Instant::now(), Instant::now() + cap);
         loop {
-            let last_failure = self
-                .seen
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-                .rev()
-                .find(|s| !s.logged_out && !matches!(s.status, Some(200..=299)))
-                .map(|s| s.at + s.took);
-            let since = last_failure.map_or(from, |f| f.max(from));
-            if since.elapsed() >= quiet || Instant::now() >= deadline {
+            let (since, served) = {
+                let seen = self
+                    .seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let since = seen
+                    .iter()
+                    .rev()
+                    .find(|s| !s.logged_out && !matches!(s.status, Some(200..=299)))
+                    .map_or(from, |s| (s.at + s.took).max(from));
+                let served = seen
+                    .iter()
+                    .rev()
+                    .take_while(|s| s.at + s.took > since)
+                    .filter(|s| matches!(s.status, Some(200..=299)))
+                    .count();
+                (since, served)
+            };
+            if (since.elapsed() >= quiet && served >= SERVED) || Instant::now() >= deadline {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
