@@ -204,8 +204,32 @@ impl Fleet {
     /// # Errors
     /// If `id` is not running.
     pub async fn kill(&mut self, id: &str) -> Result<(), String> {
-        let mut p = self.take(id)?;
-        p.kill().await;
+        self.kill_together(&[id]).await
+    }
+
+    /// SIGKILLs the nodes `ids` at the same instant, then reaps them: a
+    /// double failure. Killing them one after the other gives the
+    /// survivors time to re-replicate the first one's sessions, which is a
+    /// single failure twice.
+    ///
+    /// # Errors
+    /// If one of `ids` is not running (none is killed then).
+    pub async fn kill_together(&mut self, ids: &[&str]) -> Result<(), String> {
+        for id in ids {
+            if self.node_mut(id)?.process.is_none() {
+                return Err(format!("{id} is not running"));
+            }
+        }
+        let mut dying = Vec::with_capacity(ids.len());
+        for id in ids {
+            dying.push(self.take(id)?);
+        }
+        for p in &mut dying {
+            p.start_kill();
+        }
+        for p in &mut dying {
+            p.kill().await;
+        }
         Ok(())
     }
 

@@ -205,8 +205,14 @@ impl Process {
 
     /// Kills it with SIGKILL, as a crash would, and reaps it.
     pub async fn kill(&mut self) {
-        let _ = self.child.start_kill();
+        self.start_kill();
         let _ = self.child.wait().await;
+    }
+
+    /// Sends SIGKILL without waiting: to kill several processes at the same
+    /// instant, signal them all, then [`Process::kill`] each to reap it.
+    pub fn start_kill(&mut self) {
+        let _ = self.child.start_kill();
     }
 
     /// Sends signal `sig` (a `libc::SIG*` number), e.g. SIGHUP to reload.

@@ -134,14 +134,18 @@ pub(crate) fn cells() -> Vec<Cell> {
         ("imbalance before {event}", &[Kill, ScaleOut], |r| {
             format!("{:.2}", r.imbalance)
         }),
-        ("sessions per node before {event}", &[Kill], |r| {
-            let held: Vec<String> = r
-                .sessions_per_node
-                .values()
-                .map(|v| v.map_or("-".into(), |v| v.to_string()))
-                .collect();
-            held.join("/")
-        }),
+        (
+            "sessions per node before {event}",
+            &[Kill, StoreOutage],
+            |r| {
+                let held: Vec<String> = r
+                    .sessions_per_node
+                    .values()
+                    .map(|v| v.map_or("-".into(), |v| v.to_string()))
+                    .collect();
+                held.join("/")
+            },
+        ),
         (
             "replication msgs / write before {event}",
             &[Kill, RollingRestart],

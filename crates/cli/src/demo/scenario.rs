@@ -236,8 +236,7 @@ async fn attempt(
                 // The nodes are the store: two of three go at once.
                 row.events
                     .push(event(&shopping, "B and C killed (SIGKILL)"));
-                fleet.kill("B").await?;
-                fleet.kill("C").await?;
+                fleet.kill_together(&["B", "C"]).await?;
             }
             // Until the users have been served without a failure for a
             // second (or 20 s passed): the outage, then the recovery.
