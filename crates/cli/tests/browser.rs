@@ -48,7 +48,7 @@ impl Drop for Browser {
         if let Some(id) = self.session.take() {
             end_session(self.port, &id);
         }
-        stop_everything(&self.marker, self.driver.id());
+        stop_everything(&self.marker, Some(self.driver.id()));
         let _ = self.driver.wait();
     }
 }
@@ -69,12 +69,16 @@ fn end_session(port: u16, id: &str) {
     }
 }
 
-/// SIGKILL to the process group `group` and then to every process carrying
-/// `marker`, until none is left (a dying browser may still be forking).
-fn stop_everything(marker: &str, group: u32) {
-    // SAFETY: kill(2) on a process group we created (chromedriver leads it).
-    unsafe {
-        libc::kill(-(group as libc::pid_t), libc::SIGKILL);
+/// SIGKILL to the process group `group` (when known) and then to every
+/// process carrying `marker`, until none is left (a dying browser may still
+/// be forking).
+fn stop_everything(marker: &str, group: Option<u32>) {
+    // Group 0 would be kill(0, …): this test's own process group.
+    if let Some(group) = group.filter(|g| *g > 0) {
+        // SAFETY: kill(2) on a process group we created (chromedriver leads it).
+        unsafe {
+            libc::kill(-(group as libc::pid_t), libc::SIGKILL);
+        }
     }
     for _ in 0..250 {
         let left = processes_with_env(MARKER, marker);
@@ -111,7 +115,8 @@ fn sweep_orphans() {
     for m in markers {
         let owner = m.split('-').next().unwrap_or_default();
         if !Path::new(&format!("/proc/{owner}")).exists() {
-            stop_everything(&m, 0);
+            // The orphan's group leader is unknown: its marker finds it all.
+            stop_everything(&m, None);
         }
     }
 }
