@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use http::Method;
 use serde_json::{json, Value};
-use tether_testkit::{eventually, free_port, processes_with_env, Client, Process};
+use tether_testkit::{env_values, eventually, free_port, processes_with_env, Client, Process};
 
 mod common;
 use common::bin;
@@ -98,18 +98,7 @@ fn stop_everything(marker: &str, group: Option<u32>) {
 /// Kills what browsers of test processes that died without dropping them
 /// (SIGKILLed, timed out) left running.
 fn sweep_orphans() {
-    let mut markers: Vec<String> = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        let prefix = format!("{MARKER}=");
-        for kv in env.split(|b| *b == 0) {
-            if let Some(m) = String::from_utf8_lossy(kv).strip_prefix(&prefix) {
-                markers.push(m.to_string());
-            }
-        }
-    }
+    let mut markers: Vec<String> = env_values(MARKER).into_iter().map(|(_, m)| m).collect();
     markers.sort();
     markers.dedup();
     for m in markers {

@@ -28,7 +28,9 @@ pub use ::redis as redis_client;
 pub use client::{Client, Response};
 pub use fault::Isolation;
 pub use fleet::{cluster_settled, loopback, Fleet, Member};
-pub use process::{lb_args, lb_config, node_args, processes_with_env, Process, TestServer};
+pub use process::{
+    env_values, lb_args, lb_config, node_args, processes_with_env, Process, TestServer,
+};
 pub use redis::{ping as redis_ping, RedisCluster, RedisSentinels, RedisServer};
 pub use tls::{tls_connect, TestCa};
 pub use workload::{Observer, Plan, Progress, Running, Seen, Shoppers, Step, Tally};

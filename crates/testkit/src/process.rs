@@ -286,7 +286,20 @@ impl Drop for TestServer {
 /// descendants moved away (a new session, a new parent). This process is
 /// left out.
 pub fn processes_with_env(key: &str, value: &str) -> Vec<(u32, String)> {
-    let needle = format!("{key}={value}");
+    env_values(key)
+        .into_iter()
+        .filter(|(_, v)| v == value)
+        .map(|(pid, _)| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            (pid, String::from_utf8_lossy(&cmd).replace('\0', " "))
+        })
+        .collect()
+}
+
+/// Every process with `key` in its environment, and the value it has
+/// there. This process is left out.
+pub fn env_values(key: &str) -> Vec<(u32, String)> {
+    let prefix = format!("{key}=");
     let me = std::process::id();
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -303,9 +316,11 @@ pub fn processes_with_env(key: &str, value: &str) -> Vec<(u32, String)> {
         let Ok(env) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            found.push((pid, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        if let Some(value) = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        {
+            found.push((pid, String::from_utf8_lossy(value).into_owned()));
         }
     }
     found
