@@ -362,11 +362,7 @@ impl PrincipalIndex {
                     absolute: None,
                 },
             );
-            for (k, v) in &delta.changes {
-                if let Some(v) = v {
-                    record.attributes.insert(k.clone(), v.clone());
-                }
-            }
+            record.insert_sets(&delta);
             return match self.store.create(&record).await {
                 Ok(()) => Ok(true),
                 Err(StoreError::Collision) => Ok(false),
@@ -598,6 +594,7 @@ impl PrincipalIndex {
         now: Timestamp,
     ) -> Result<Vec<Listed>, StoreError> {
         let snap = self.snapshot(&self.index_id(principal), now).await?;
+        let named = json(&principal);
         let mut out = Vec::new();
         for (id, member) in snap.members {
             if member.lease > now.0 {
@@ -607,7 +604,7 @@ impl PrincipalIndex {
                 // A session that changed hands (a new login on the same
                 // device as someone else) is not this principal's.
                 let owned = record.as_ref().is_none_or(|r| {
-                    r.attributes.get(PRINCIPAL).map(|p| p.get()) == Some(json(&principal).get())
+                    r.attributes.get(PRINCIPAL).map(|p| p.get()) == Some(named.get())
                 });
                 if owned {
                     out.push(Listed { id, member, record });

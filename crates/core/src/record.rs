@@ -181,6 +181,16 @@ impl Record {
         self.version += 1;
     }
 
+    /// Sets the attributes `delta` sets (its removals have nothing to
+    /// remove on a record being made): a new record from a first write.
+    pub fn insert_sets(&mut self, delta: &Delta) {
+        for (k, v) in &delta.changes {
+            if let Some(v) = v {
+                self.attributes.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
     /// Whether `delta`'s conditions ([`Delta::expect`]) hold on this record.
     pub fn meets(&self, delta: &Delta) -> bool {
         delta.expect.iter().all(|(k, want)| {

@@ -57,6 +57,8 @@ struct Inner {
     verified: std::sync::OnceLock<tether_jwt::Verified>,
     /// What the request says of the client's device (recorded at login).
     device: std::collections::BTreeMap<String, String>,
+    /// The layer's user-session index (built once per layer, not per request).
+    principals: Option<Principals>,
     state: Mutex<State>,
 }
 
@@ -107,11 +109,8 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock_fresh(m: &Mutex<Option<Option<Record>>>) -> MutexGuard<'_, Option<Option<Record>>> {
+/// A lock that a panic elsewhere does not poison for every later request.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -126,10 +125,7 @@ pub(crate) struct Turns {
 
 impl Turns {
     fn of(&self, id: &SessionId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = lock(&self.held);
         if let Some(turn) = held.get(id).and_then(std::sync::Weak::upgrade) {
             return turn;
         }
@@ -219,6 +215,7 @@ impl Session {
     pub(crate) fn new(
         backend: Backend,
         config: Arc<SessionConfig>,
+        principals: Option<Principals>,
         incoming: Option<SessionId>,
         token: Option<String>,
         device: std::collections::BTreeMap<String, String>,
@@ -235,6 +232,7 @@ impl Session {
                 fresh: Mutex::new(None),
                 verified: std::sync::OnceLock::new(),
                 device,
+                principals,
                 state: Mutex::new(State::default()),
             }),
         }
@@ -318,7 +316,7 @@ impl Session {
                 return Ok(None);
             }
         }
-        if let Some(fresh) = &*lock_fresh(&self.inner.fresh) {
+        if let Some(fresh) = &*lock(&self.inner.fresh) {
             return fresh
                 .as_ref()
                 .and_then(|r| r.attributes.get(key))
@@ -522,11 +520,12 @@ impl Session {
 
     /// The user-session index for this layer's sessions.
     fn principals(&self) -> Result<Principals, SessionError> {
-        principals_of(&self.inner.backend, self.inner.config.listener.clone()).ok_or(
-            SessionError::Unsupported(
+        self.inner
+            .principals
+            .clone()
+            .ok_or(SessionError::Unsupported(
                 "listing and ending a user's sessions with tokens needs a revocation store",
-            ),
-        )
+            ))
     }
 
     /// Removes attribute `key` and returns its old value (saved with the
@@ -614,14 +613,14 @@ impl Session {
         if waited {
             // The request before this one has probably changed it.
             match store.load(&id, Load::at(self.inner.now)).await {
-                Ok(fresh) => *lock_fresh(&self.inner.fresh) = Some(fresh),
+                Ok(fresh) => *lock(&self.inner.fresh) = Some(fresh),
                 Err(e) => return Err(self.store_failed(e)),
             }
         }
         let now = self.inner.now;
         for attempt in 0..MODIFY_TRIES {
             let stored = {
-                let fresh = lock_fresh(&self.inner.fresh);
+                let fresh = lock(&self.inner.fresh);
                 let current = match &*fresh {
                     Some(r) => r.as_ref(),
                     None => self.inner.loaded.get().and_then(Option::as_ref),
@@ -663,7 +662,7 @@ impl Session {
                         tokio::time::sleep(backoff(attempt)).await;
                     }
                     match store.load(&id, Load::at(now)).await {
-                        Ok(fresh) => *lock_fresh(&self.inner.fresh) = Some(fresh),
+                        Ok(fresh) => *lock(&self.inner.fresh) = Some(fresh),
                         Err(e) => return Err(self.store_failed(e)),
                     }
                 }
@@ -718,7 +717,7 @@ impl Session {
         let Some(id) = self.inner.incoming else {
             return Ok(None);
         };
-        let exists = lock_fresh(&self.inner.fresh).as_ref().map(Option::is_some);
+        let exists = lock(&self.inner.fresh).as_ref().map(Option::is_some);
         let exists = match exists {
             Some(e) => e,
             None => self.record().await?.is_some(),
@@ -744,21 +743,18 @@ impl Session {
                 state.delta.idle_ms = None;
             }
         }
-        let mut fresh = lock_fresh(&self.inner.fresh);
-        let base = match &*fresh {
-            Some(r) => r.clone(),
-            None => self.inner.loaded.get().cloned().flatten(),
-        };
-        *fresh = Some(base.map(|mut r| {
+        let mut fresh = lock(&self.inner.fresh);
+        // Copied from what was loaded once; later writes change it in place.
+        let base = fresh.get_or_insert_with(|| self.inner.loaded.get().cloned().flatten());
+        if let Some(r) = base {
             r.apply(write, self.inner.now);
-            r
-        }));
+        }
     }
 
     /// The session ended while this request changed it.
     fn ended(&self) -> SessionError {
         lock(&self.inner.state).gone = true;
-        *lock_fresh(&self.inner.fresh) = Some(None);
+        *lock(&self.inner.fresh) = Some(None);
         SessionError::Gone
     }
 
@@ -879,7 +875,7 @@ impl Session {
         let previous = state.delta.changes.insert(key.to_string(), value);
         // When the stored session is at hand, check the whole projected size
         // now, so the handler (not the save) sees the error.
-        let fresh = lock_fresh(&self.inner.fresh);
+        let fresh = lock(&self.inner.fresh);
         let current = match &*fresh {
             Some(r) => r.as_ref(),
             None => self.inner.loaded.get().and_then(Option::as_ref),
@@ -949,11 +945,7 @@ impl Session {
     /// A new session `id` holding the sets (and idle change) of `delta`.
     fn new_record(&self, delta: &Delta, id: SessionId) -> Record {
         let mut r = Record::new(id, self.inner.now, self.inner.config.expiry);
-        for (k, v) in &delta.changes {
-            if let Some(v) = v {
-                r.attributes.insert(k.clone(), v.clone());
-            }
-        }
+        r.insert_sets(delta);
         if let Some(idle) = delta.idle_ms {
             r.idle_ms = idle;
         }
@@ -988,15 +980,15 @@ impl Session {
             }
             Ok::<(), StoreError>(())
         };
-        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone());
+        let principals = &self.inner.principals;
         if destroyed {
             revoke_current("logout").await?;
-            if let (Some(principals), Some(r)) = (&principals, &current) {
-                if let Some(p) = principal_of(r) {
-                    principals.index().remove(&p, &[r.id], now).await?;
+            if let (Some(principals), Some(r)) = (principals, &current) {
+                let p = principal_of(r);
+                if let Some(p) = &p {
+                    principals.index().remove(p, &[r.id], now).await?;
                 }
                 let reason = EndReason::Logout;
-                let p = principal_of(r);
                 emit(
                     principals.listener(),
                     EventKind::Destroyed { reason },
@@ -1146,7 +1138,10 @@ impl Session {
             _ => self.inner.incoming,
         };
 
-        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone())
+        let principals = self
+            .inner
+            .principals
+            .as_ref()
             .expect("stores always have an index");
         let loaded = self.inner.loaded.get().and_then(Option::as_ref);
         let mut before = loaded.and_then(principal_of);
@@ -1203,7 +1198,7 @@ impl Session {
                 let mut new = next_id.unwrap_or_else(|| self.fresh_id());
                 for _ in 0..8 {
                     if let Some(p) = joins {
-                        self.admit(&principals, p, &new, &delta).await?;
+                        self.admit(principals, p, &new, &delta).await?;
                     }
                     let rotated = store.rotate(&old, &new, &delta, now).await;
                     if let (Some(p), false) = (joins, matches!(rotated, Ok(Some(_)))) {
@@ -1239,7 +1234,7 @@ impl Session {
             }
             Some(id) if !delta.is_empty() => {
                 if let Some(p) = joins {
-                    self.admit(&principals, p, &id, &delta).await?;
+                    self.admit(principals, p, &id, &delta).await?;
                 }
                 let applied = store.apply(&id, &delta, now).await;
                 if let (Some(p), false) = (joins, matches!(applied, Ok(Some(_)))) {
@@ -1351,13 +1346,16 @@ impl Session {
         let Backend::Store(store, _) = &self.inner.backend else {
             unreachable!("stateless sessions are never created in a store")
         };
-        let principals = principals_of(&self.inner.backend, self.inner.config.listener.clone())
+        let principals = self
+            .inner
+            .principals
+            .as_ref()
             .expect("stores always have an index");
         let principal = principal_of(&record);
         let now = self.inner.now;
         for _ in 0..8 {
             if let Some(p) = &principal {
-                self.admit(&principals, p, &record.id, delta).await?;
+                self.admit(principals, p, &record.id, delta).await?;
             }
             let created = store.create(&record).await;
             if let (Some(p), false) = (&principal, created.is_ok()) {

@@ -195,11 +195,7 @@ impl Revocation {
                 absolute: None,
             };
             let mut entry = Record::new(*id, now, expiry);
-            for (k, v) in &delta.changes {
-                if let Some(v) = v {
-                    entry.attributes.insert(k.clone(), v.clone());
-                }
-            }
+            entry.insert_sets(delta);
             match self.store.create(&entry).await {
                 Ok(()) => return Ok(()),
                 // Created concurrently: apply to it.

@@ -12,7 +12,8 @@ use tower_service::Service;
 
 use crate::config::SessionConfig;
 use crate::error::{error_response, store_message, store_status};
-use crate::session::{Backend, Outcome, Session};
+use crate::session::{principals_of, Backend, Outcome, Session};
+use crate::users::Principals;
 
 /// The service built by [`crate::SessionLayer`].
 #[derive(Clone)]
@@ -20,6 +21,7 @@ pub struct SessionService<S> {
     inner: S,
     backend: Backend,
     config: Arc<SessionConfig>,
+    principals: Option<Principals>,
 }
 
 impl<S> std::fmt::Debug for SessionService<S> {
@@ -32,10 +34,12 @@ impl<S> std::fmt::Debug for SessionService<S> {
 
 impl<S> SessionService<S> {
     pub(crate) fn new(inner: S, backend: Backend, config: Arc<SessionConfig>) -> Self {
+        let principals = principals_of(&backend, config.listener.clone());
         Self {
             inner,
             backend,
             config,
+            principals,
         }
     }
 }
@@ -214,14 +218,28 @@ where
             Backend::Store(..) => {
                 let (id, via) = incoming(req.headers(), &config);
                 (
-                    Session::new(self.backend.clone(), config.clone(), id, None, device),
+                    Session::new(
+                        self.backend.clone(),
+                        config.clone(),
+                        self.principals.clone(),
+                        id,
+                        None,
+                        device,
+                    ),
                     via,
                 )
             }
             Backend::Jwt(_) => {
                 let (token, via) = incoming_token(req.headers(), &config);
                 (
-                    Session::new(self.backend.clone(), config.clone(), None, token, device),
+                    Session::new(
+                        self.backend.clone(),
+                        config.clone(),
+                        self.principals.clone(),
+                        None,
+                        token,
+                        device,
+                    ),
                     via,
                 )
             }
