@@ -62,6 +62,7 @@ pub mod select;
 mod tls;
 mod upstream;
 
+pub use admin::constant_time_eq;
 pub use config::{
     parse_backend_flag, Backend, BackendConfig, Config, ConfigError, CookieConfig, HashConfig,
     HashKey, HealthConfig, LimitsConfig, PolicyKind, RetryConfig, SniCert, TlsConfig,

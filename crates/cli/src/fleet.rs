@@ -180,11 +180,10 @@ impl Fleet {
         args.extend(["--cookie-secure".into(), "false".into()]);
         let store = strategy.store_args(redis.as_deref(), &dir, &cluster, &peers)?;
         // What the strategy asks of a node beyond the default `--store memory`.
-        let flags = store.iter().filter(|a| a.starts_with("--")).count();
-        let flags = if store == ["--store", "memory"] {
+        let flags = if strategy.is_memory() {
             0
         } else {
-            flags
+            store.iter().filter(|a| a.starts_with("--")).count()
         };
         args.extend(store);
         args.extend(["--log-level".into(), "error".into()]);

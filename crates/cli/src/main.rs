@@ -405,9 +405,7 @@ async fn sessions(command: SessionsCommand) -> anyhow::Result<ExitCode> {
         (Some(url), _) => Target::Store(url),
         (None, Some(url)) => Target::Node {
             url,
-            token: args
-                .admin_token
-                .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
+            token: admin_token(args.admin_token)
                 .context("--node needs --admin-token (or TETHER_ADMIN_TOKEN)")?,
         },
         (None, None) => anyhow::bail!("say where the sessions are: --store URL or --node URL"),
@@ -423,11 +421,9 @@ async fn sessions(command: SessionsCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The admin token from the flag or the environment (kept out of `ps`).
-fn admin_token(args: &LbArgs) -> Option<String> {
-    args.admin_token
-        .clone()
-        .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
+/// An admin token from its flag or, kept out of `ps`, the environment.
+fn admin_token(flag: Option<String>) -> Option<String> {
+    flag.or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
 }
 
 fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
@@ -443,7 +439,7 @@ fn lb_config(args: &LbArgs) -> anyhow::Result<tether_lb::Config> {
     );
     let mut config = tether_lb::Config::new(listen, policy, args.backends.clone());
     config.admin = args.admin;
-    config.admin_token = admin_token(args);
+    config.admin_token = admin_token(args.admin_token.clone());
     if let Some(secret) = &args.cookie_secret {
         config.cookie.secret.clone_from(secret);
     }
@@ -501,7 +497,7 @@ async fn lb(args: LbArgs) -> anyhow::Result<ExitCode> {
         config.admin = args.admin;
     }
     if args.config.is_some() {
-        if let Some(token) = admin_token(&args) {
+        if let Some(token) = admin_token(args.admin_token.clone()) {
             config.admin_token = Some(token);
         }
     }
@@ -579,10 +575,7 @@ async fn node(args: NodeArgs) -> anyhow::Result<ExitCode> {
             }),
             None => None,
         },
-        admin_token: args
-            .admin_token
-            .or_else(|| std::env::var("TETHER_ADMIN_TOKEN").ok())
-            .filter(|t| !t.is_empty()),
+        admin_token: admin_token(args.admin_token).filter(|t| !t.is_empty()),
     };
     let mut config = config;
     if config.store == StoreSpec::Cluster {

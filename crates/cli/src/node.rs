@@ -120,6 +120,8 @@ impl NodeConfig {
 #[derive(Clone)]
 pub struct Node {
     id: Arc<str>,
+    /// `id` as the `x-tether-node` header every answer carries (made once).
+    id_header: Option<HeaderValue>,
     ready: Arc<AtomicBool>,
     requests: Arc<AtomicU64>,
     /// When the last request arrived, in ms since `started`.
@@ -281,6 +283,7 @@ pub async fn app(config: &NodeConfig) -> Result<(Router, Node), AppError> {
     let _reaper = layer.spawn_reaper(REAP_EVERY);
     let node = Node {
         id: config.id.as_str().into(),
+        id_header: HeaderValue::from_str(&config.id).ok(),
         ready: Arc::new(AtomicBool::new(true)),
         requests: Arc::new(AtomicU64::new(0)),
         last_request: Arc::new(AtomicU64::new(0)),
@@ -418,8 +421,8 @@ async fn tag(State(node): State<Node>, req: Request, next: Next) -> Response {
             .store(node.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     let mut res = next.run(req).await;
-    if let Ok(v) = HeaderValue::from_str(&node.id) {
-        res.headers_mut().insert("x-tether-node", v);
+    if let Some(v) = &node.id_header {
+        res.headers_mut().insert("x-tether-node", v.clone());
     }
     res
 }
@@ -480,16 +483,18 @@ fn cart_list(cart: &[String]) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '<' => "&lt;".to_string(),
-            '>' => "&gt;".to_string(),
-            '&' => "&amp;".to_string(),
-            '"' => "&quot;".to_string(),
-            '\'' => "&#39;".to_string(),
-            c => c.to_string(),
-        })
-        .collect()
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn page(node: &str, title: &str, body: &str) -> Html<String> {
@@ -569,16 +574,7 @@ async fn mypage(
             page(&node.id, "my page", &body).into_response()
         }
         Some(member) => Json(json!({ "member": member, "node": &*node.id })).into_response(),
-        None if html => (
-            StatusCode::UNAUTHORIZED,
-            page(&node.id, "not logged in", LOGIN_FORM),
-        )
-            .into_response(),
-        None => (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({ "error": "not logged in", "node": &*node.id })),
-        )
-            .into_response(),
+        None => not_logged_in(&node, &headers),
     })
 }
 
@@ -745,13 +741,7 @@ fn admin(node: &Node, headers: &HeaderMap) -> Result<tether::Principals, Box<Res
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let same = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if !same {
+    if !tether_lb::constant_time_eq(given.as_bytes(), token.as_bytes()) {
         return Err(Box::new(
             (StatusCode::UNAUTHORIZED, "operator token required\n").into_response(),
         ));

@@ -112,13 +112,25 @@ fn rendezvous(key: &[u8], pool: &Pool) -> Vec<usize> {
 
 impl Select for IpHashFull {
     fn choose(&self, req: &RequestInfo<'_>, pool: &Pool) -> Choice {
-        let key = match req.client_ip {
-            IpAddr::V4(v4) => v4.octets().to_vec(),
-            IpAddr::V6(v6) => v6
-                .to_ipv4_mapped()
-                .map_or(v6.octets().to_vec(), |v4| v4.octets().to_vec()),
+        // On the stack: this runs per request.
+        let mut key = [0u8; 16];
+        let len = match req.client_ip {
+            IpAddr::V4(v4) => {
+                key[..4].copy_from_slice(&v4.octets());
+                4
+            }
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => {
+                    key[..4].copy_from_slice(&v4.octets());
+                    4
+                }
+                None => {
+                    key = v6.octets();
+                    16
+                }
+            },
         };
-        let order = rendezvous(&key, pool);
+        let order = rendezvous(&key[..len], pool);
         Choice {
             bound: order.first().copied(),
             order,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tether_testkit::{Seen, Step, Tally};
 
+use super::render::opt;
 use super::Scenario;
 use crate::fleet::Fleet;
 use crate::strategy::{Approach, Strategy};
@@ -524,10 +525,6 @@ fn pct(part: usize, whole: usize) -> String {
     format!("{part} of {whole}")
 }
 
-fn f1(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.2}"))
-}
-
 /// Copies of each session the nodes held: sessions held over sessions
 /// made, the users' and the brief's scenario's login.
 fn copies(r: &Row) -> Option<f64> {
@@ -714,7 +711,7 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
     out.push(claim(row, "세션 클러스터링", "복제 비용 증가 (replication cost grows)", Needs(ScaleOut, "a replicated strategy"), &clustering, || {
         let text = lines(&clustering, &|r| format!(
             "{} → {} replication messages per write at 3 → 4 nodes; D held its share after {:.0} ms, {} transfer bytes, {} failed requests",
-            f1(r.replication_messages_per_write), f1(r.replication_messages_per_write_after_join),
+            opt(r.replication_messages_per_write, 2), opt(r.replication_messages_per_write_after_join, 2),
             r.join_ms.unwrap_or(0.0), r.transfer_bytes.unwrap_or(0), r.failed_after_kill
         ));
         let grows = clustering.iter().any(|r| {
@@ -932,7 +929,7 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
     out.push(claim(row, "세션 클러스터링", "소~중규모 (small to medium)", Needs(ScaleOut, "a replicated strategy"), &clustering, || {
         let text = lines(&clustering, &|r| format!(
             "{} → {} messages per write at 3 → 4 nodes",
-            f1(r.replication_messages_per_write), f1(r.replication_messages_per_write_after_join)
+            opt(r.replication_messages_per_write, 2), opt(r.replication_messages_per_write_after_join, 2)
         ));
         // Limited to small fleets only if every replicated strategy's cost per write grows with N.
         let all_grow = clustering.iter().all(|r| {
@@ -979,8 +976,8 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
             let text = format!(
                 "{}: {} → {} Redis round trips per request at 3 → 4 nodes",
                 r.strategy,
-                f1(a),
-                f1(b)
+                opt(a, 2),
+                opt(b, 2)
             );
             (
                 text,
@@ -1021,7 +1018,7 @@ pub fn claims(rows: &[Row]) -> Vec<Claim> {
             .collect(),
     );
     out.push(claim(row, "외부 세션 저장소", "네트워크 I/O로 인한 약간의 지연 (a little latency)", Needs(Kill, "sticky-cookie and redis"), &pair, || {
-        let text = lines(&pair, &|r| format!("p50 {:.2} ms, p99 {:.2} ms, {} store round trips per request", r.p50_ms, r.p99_ms, f1(r.store_round_trips_per_request)));
+        let text = lines(&pair, &|r| format!("p50 {:.2} ms, p99 {:.2} ms, {} store round trips per request", r.p50_ms, r.p99_ms, opt(r.store_round_trips_per_request, 2)));
         let p50 = |s| pair.iter().find(|r| r.strategy == s).map(|r| r.p50_ms);
         (text, matches!((p50(Strategy::StickyCookie), p50(Strategy::Redis)), (Some(m), Some(r)) if r > m))
     }));

@@ -47,7 +47,8 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn opt(v: Option<f64>, digits: usize) -> String {
+/// A figure with `digits` decimals, or `-` when it was not measured.
+pub(super) fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
