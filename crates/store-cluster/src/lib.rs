@@ -175,10 +175,7 @@ fn refusal(r: Refusal) -> StoreError {
         Refusal::Collision => StoreError::Collision,
         Refusal::Conflict => StoreError::Conflict,
         Refusal::TooLarge { size, limit } => StoreError::TooLarge { size, limit },
-        Refusal::Unavailable(msg) => {
-            let e: tether_core::BoxError = msg.into();
-            StoreError::Unavailable(e)
-        }
+        Refusal::Unavailable(msg) => StoreError::unavailable(msg),
     }
 }
 
@@ -258,12 +255,8 @@ impl ClusterStore {
     /// The nodes that should hold session `id` under the current view, owner first.
     pub fn holders(&self, id: &SessionId) -> Vec<String> {
         let core = lock(&self.driver.core);
-        let copies = match core.replication() {
-            Replication::All => usize::MAX,
-            Replication::Backup(k) => k + 1,
-        };
         core.view()
-            .holders(placement::segment(id), copies)
+            .holders(placement::segment(id), core.copies())
             .map(str::to_string)
             .collect()
     }

@@ -85,7 +85,7 @@ impl Live {
             Self::Node(c) => c.req_packed_commands(pipe, 0, pipe.len()).await,
             Self::Cluster(c) => {
                 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(slot(&id.to_string()), SlotAddr::Master);
+                let route = Route::new(slot(id.encode().as_str()), SlotAddr::Master);
                 c.route_pipeline(
                     pipe.clone(),
                     0,
@@ -146,9 +146,7 @@ impl Connector {
             waited: (0..WAITED).map(|_| Mutex::new(None)).collect(),
             failed_at: std::sync::Mutex::new(None),
             connect_timeout,
-            response_timeout_ms: AtomicU64::new(
-                u64::try_from(response_timeout.as_millis()).unwrap_or(u64::MAX),
-            ),
+            response_timeout_ms: AtomicU64::new(tether_core::millis(response_timeout)),
             tracking: std::sync::OnceLock::new(),
         })
     }
@@ -156,7 +154,7 @@ impl Connector {
     /// Makes the response timeout at least `min` (a `WAIT` must be able to
     /// outlast its own timeout). Applies to connections made afterwards.
     pub(crate) fn raise_response_timeout(&self, min: Duration) {
-        let ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
+        let ms = tether_core::millis(min);
         self.response_timeout_ms.fetch_max(ms, Ordering::Relaxed);
     }
 

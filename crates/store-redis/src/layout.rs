@@ -121,6 +121,15 @@ pub(crate) fn text(v: &Value) -> Option<&[u8]> {
     }
 }
 
+/// [`text`], taken out of the answer.
+fn owned_text(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
 /// Field/value pairs of an `HGETALL` answer (a RESP2 array or a RESP3 map).
 fn pairs(v: Value) -> Result<Vec<(Value, Value)>, StoreError> {
     match v {
@@ -150,17 +159,18 @@ pub(crate) fn parse_hash(
     }
     let mut meta = None;
     let mut attributes = BTreeMap::new();
-    for (k, v) in &pairs {
-        let k = std::str::from_utf8(text(k).ok_or_else(|| corrupt("non-string field"))?)
+    for (k, v) in pairs {
+        let k = std::str::from_utf8(text(&k).ok_or_else(|| corrupt("non-string field"))?)
             .map_err(|_| corrupt("non-UTF-8 field name"))?;
-        let v = std::str::from_utf8(text(v).ok_or_else(|| corrupt("non-string value"))?)
+        // The answer is ours to take apart: values move, not copied (this
+        // runs on every read the near cache does not answer).
+        let v = String::from_utf8(owned_text(v).ok_or_else(|| corrupt("non-string value"))?)
             .map_err(|_| corrupt("non-UTF-8 value"))?;
         if let Some(name) = k.strip_prefix("attr:") {
-            let raw = RawValue::from_string(v.to_string())
-                .map_err(|e| StoreError::Corrupt(Box::new(e)))?;
+            let raw = RawValue::from_string(v).map_err(|e| StoreError::Corrupt(Box::new(e)))?;
             attributes.insert(name.to_string(), raw);
         } else if k == META {
-            meta = Some(Meta::parse(v).ok_or_else(|| corrupt("malformed session metadata"))?);
+            meta = Some(Meta::parse(&v).ok_or_else(|| corrupt("malformed session metadata"))?);
         }
     }
     let Some(m) = meta else {

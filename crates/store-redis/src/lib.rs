@@ -468,9 +468,7 @@ impl RedisStore {
     ) -> Result<Written, StoreError> {
         let wait = self.wait.filter(|_| waited);
         if let Some((n, timeout)) = wait {
-            pipe.cmd("WAIT")
-                .arg(n)
-                .arg(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+            pipe.cmd("WAIT").arg(n).arg(tether_core::millis(timeout));
         }
         let mut out = self.send(id, &pipe).await?.into_iter();
         let value = match out.next().unwrap_or(Value::Nil).extract_error() {
@@ -533,7 +531,7 @@ impl RedisStore {
                 Err(StoreError::Unavailable(Box::new(NotReplicated {
                     acked,
                     wanted,
-                    timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    timeout_ms: tether_core::millis(timeout),
                 })))
             }
             _ => Ok(()),
@@ -732,11 +730,11 @@ impl RedisStore {
     ) -> Result<Option<u64>, StoreError> {
         let ticket = self.cache.ticket();
         let base = self.cache.peek(id);
-        let (key, new_key) = (self.key(id), self.key(new_id));
+        let key = self.key(id);
         let mut cmd = if id == new_id {
             evalsha(&self.scripts.apply, &[&key])
         } else {
-            evalsha(&self.scripts.rotate, &[&key, &new_key])
+            evalsha(&self.scripts.rotate, &[&key, &self.key(new_id)])
         };
         self.delta_args(&mut cmd, delta, now, base.as_deref());
         let mut pipe = self.pipeline();

@@ -1,8 +1,6 @@
 //! The near cache against a real `redis-server`: the store contract, two
 //! nodes writing one session, broken and silently cut connections.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,7 +91,7 @@ async fn another_nodes_write_reaches_this_nodes_copy() {
         "Redis pushed the invalidations: {sa:?} {sb:?}"
     );
     // Writes by any client count, not just tether's.
-    let mut c = common::direct(&server).await;
+    let mut c = server.connect().await.unwrap();
     let _: () = redis::cmd("HSET")
         .arg(a.key(&r.id))
         .arg("attr:other")
@@ -156,7 +154,7 @@ async fn a_broken_tracking_connection_drops_the_whole_cache() {
     a.create(&r).await.unwrap();
     assert!(load(&a, &r).await.is_some());
     let flushes = a.near_cache_stats().unwrap().flushes;
-    let mut c = common::direct(&server).await;
+    let mut c = server.connect().await.unwrap();
     // Kill the store's connections (not this one), then change the session
     // behind its back: no invalidation can reach it any more.
     let _: i64 = redis::cmd("CLIENT")

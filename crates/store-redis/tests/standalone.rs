@@ -25,7 +25,7 @@ async fn a_session_is_one_readable_hash_with_a_ttl() {
     let now = Timestamp::now();
     let r = record_with(now, &[("loginMember", "7"), ("cart", "[\"book\"]")]);
     store.create(&r).await.unwrap();
-    let mut c = common::direct(&server).await;
+    let mut c = server.connect().await.unwrap();
     let key = format!("tether:session:{{{}}}", r.id);
     let fields: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
         .arg(&key)
@@ -93,7 +93,7 @@ async fn a_write_after_a_read_takes_the_short_path_unless_another_wrote() {
     let now = Timestamp::now();
     let r = record_with(now, &[("n", "1")]);
     a.create(&r).await.unwrap();
-    let mut c = common::direct(&server).await;
+    let mut c = server.connect().await.unwrap();
     let set = |name: &str, v: &str| {
         let mut d = tether_core::Delta::default();
         d.set(name, tether_core::testing::json(v));
@@ -339,7 +339,7 @@ async fn ten_thousand_expired_sessions_leave_an_empty_keyspace() {
     for t in tasks {
         t.await.unwrap();
     }
-    let mut c = common::direct(&server).await;
+    let mut c = server.connect().await.unwrap();
     let keys = |c: &mut redis::aio::MultiplexedConnection| {
         let mut c = c.clone();
         async move {

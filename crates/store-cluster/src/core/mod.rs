@@ -407,9 +407,9 @@ impl Core {
     /// Sessions this node owns, sessions it holds for others, and their bytes.
     pub fn holdings(&self) -> (usize, usize, usize) {
         let me = self.cfg.me.name.as_str();
-        let (owned, ob) = self.store.stats_where(|s| self.view.owner(s) == Some(me));
-        let (all, ab) = self.store.stats();
-        (owned, all - owned, ob + (ab - ob))
+        let (owned, _) = self.store.stats_where(|s| self.view.owner(s) == Some(me));
+        let (all, bytes) = self.store.stats();
+        (owned, all - owned, bytes)
     }
 
     /// The other members of the view.

@@ -336,12 +336,12 @@ impl Core {
                 Err(Refused::Conflict) => Err(Err(Refusal::Conflict)),
             },
             Op::Apply(id, delta, at) => match self.store.apply(id, delta, *at, stamp, max) {
-                Ok(Some(r)) => Ok((
-                    Outcome::Version(Some(r.version)),
+                Ok(Some(version)) => Ok((
+                    Outcome::Version(Some(version)),
                     Replicate::Delta {
                         stamp,
                         id: *id,
-                        base: r.version - 1,
+                        base: version - 1,
                         delta: delta.clone(),
                         now: *at,
                     },

@@ -217,12 +217,3 @@ pub async fn round_trips(store: RedisStore, servers: &[&RedisServer]) -> [usize;
     let rmw = c.take().await;
     [read, write, create, rotate, rmw]
 }
-
-/// A direct client for assertions, separate from the stores' connections.
-pub async fn direct(server: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(server.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
