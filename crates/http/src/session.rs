@@ -56,7 +56,7 @@ struct Inner {
     /// Subject and expiry of the verified token (stateless mode).
     verified: std::sync::OnceLock<tether_jwt::Verified>,
     /// What the request says of the client's device (recorded at login).
-    device: std::collections::BTreeMap<String, String>,
+    device: crate::layer::Device,
     /// The layer's user-session index (built once per layer, not per request).
     principals: Option<Principals>,
     state: Mutex<State>,
@@ -218,7 +218,7 @@ impl Session {
         principals: Option<Principals>,
         incoming: Option<SessionId>,
         token: Option<String>,
-        device: std::collections::BTreeMap<String, String>,
+        device: crate::layer::Device,
     ) -> Self {
         let now = (config.clock)();
         Self {
@@ -1291,7 +1291,7 @@ impl Session {
         let idle = delta
             .idle_ms
             .unwrap_or_else(|| millis(self.inner.config.expiry.idle));
-        let mut device = self.inner.device.clone();
+        let mut device = self.inner.device.describe();
         if let Some(node) = &self.inner.config.node {
             device.insert("node".into(), node.clone());
         }

@@ -2,6 +2,7 @@
 
 mod service;
 
+pub(crate) use service::Device;
 pub use service::SessionService;
 
 use std::sync::Arc;

@@ -74,28 +74,46 @@ pub(crate) fn id_from_cookies(headers: &HeaderMap, name: &str) -> Option<Session
         .find(|id| !id.is_derived())
 }
 
-/// What a request says of its client, for a user's session list: the
-/// user agent and the address a proxy in front recorded (the first
-/// `X-Forwarded-For` hop, else `X-Real-IP`). Both are the client's word
-/// (or its proxy's): shown to the user, never trusted. Bounded in length.
-fn device(headers: &HeaderMap) -> std::collections::BTreeMap<String, String> {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(256).collect::<String>())
-    };
-    let mut d = std::collections::BTreeMap::new();
-    if let Some(ua) = text("user-agent") {
-        d.insert("user_agent".into(), ua);
+/// The headers that say what a request's client is, kept as they came (a
+/// reference count each): only a login reads them, to record its device.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Device {
+    user_agent: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    real_ip: Option<HeaderValue>,
+}
+
+impl Device {
+    fn of(headers: &HeaderMap) -> Self {
+        Self {
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            forwarded_for: headers.get("x-forwarded-for").cloned(),
+            real_ip: headers.get("x-real-ip").cloned(),
+        }
     }
-    let address = text("x-forwarded-for")
-        .and_then(|v| v.split(',').next().map(|a| a.trim().to_string()))
-        .or_else(|| text("x-real-ip"));
-    if let Some(a) = address.filter(|a| !a.is_empty()) {
-        d.insert("address".into(), a);
+
+    /// What the request says of its client, for a user's session list:
+    /// the user agent and the address a proxy in front recorded (the first
+    /// `X-Forwarded-For` hop, else `X-Real-IP`). Both are the client's word
+    /// (or its proxy's): shown to the user, never trusted. Bounded in length.
+    pub(crate) fn describe(&self) -> std::collections::BTreeMap<String, String> {
+        let text = |v: &Option<HeaderValue>| {
+            v.as_ref()
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.chars().take(256).collect::<String>())
+        };
+        let mut d = std::collections::BTreeMap::new();
+        if let Some(ua) = text(&self.user_agent) {
+            d.insert("user_agent".into(), ua);
+        }
+        let address = text(&self.forwarded_for)
+            .and_then(|v| v.split(',').next().map(|a| a.trim().to_string()))
+            .or_else(|| text(&self.real_ip));
+        if let Some(a) = address.filter(|a| !a.is_empty()) {
+            d.insert("address".into(), a);
+        }
+        d
     }
-    d
 }
 
 fn incoming(headers: &HeaderMap, config: &SessionConfig) -> (Option<SessionId>, Via) {
@@ -210,9 +228,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = self.config.clone();
         let device = if config.record_device {
-            device(req.headers())
+            Device::of(req.headers())
         } else {
-            std::collections::BTreeMap::new()
+            Device::default()
         };
         let (session, via) = match &self.backend {
             Backend::Store(..) => {
