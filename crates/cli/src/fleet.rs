@@ -11,12 +11,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tether_testkit::{eventually, Client, Process};
+use tether_testkit::{eventually, Balancer, Client, Process};
 
 use crate::strategy::Strategy;
 
 /// How long a node may take to be ready (a replicated node: to hold its share).
-const READY_WITHIN: Duration = Duration::from_secs(30);
+pub(crate) const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// One node: its name, its addresses, its process while it runs.
 pub struct Node {
@@ -305,102 +305,30 @@ impl Fleet {
     }
 }
 
-/// A `tether lb` process reading a configuration file, so that a reload
-/// (`POST /reload`) can add and remove backends while clients stay connected.
-pub struct Balancer {
-    process: Process,
-    config: PathBuf,
-    policy: &'static str,
-}
-
-impl Balancer {
-    /// Starts the balancer of `strategy` over `backends` (health checks
-    /// every 200 ms), its configuration in `dir`, and waits until it
-    /// considers every backend up.
-    ///
-    /// # Errors
-    /// If it does not start, or a backend is not up within 30 s.
-    pub async fn start(
-        bin: &Path,
-        dir: &Path,
-        strategy: Strategy,
-        backends: &[(&str, SocketAddr)],
-    ) -> Result<Self, String> {
-        let config = dir.join("lb.toml");
-        let policy = strategy.policy_name();
-        std::fs::write(&config, tether_testkit::lb_config(policy, backends))
-            .map_err(|e| format!("writing {}: {e}", config.display()))?;
-        let args = [
-            "lb".to_string(),
-            "--config".into(),
-            config.display().to_string(),
-            "--log-level".into(),
-            "error".into(),
-        ];
-        let process = Process::spawn_n(bin, &args, 2)
-            .await
-            .map_err(|e| format!("balancer: {e}"))?;
-        let lb = Self {
-            process,
-            config,
-            policy,
-        };
-        lb.wait_up(backends).await?;
-        Ok(lb)
-    }
-
-    /// `http://addr` of the client listener followed by `path`.
-    pub fn url(&self, path: &str) -> String {
-        self.process.url(path)
-    }
-
-    /// A URL of the admin listener.
-    pub fn admin(&self, path: &str) -> String {
-        format!("http://{}{path}", self.process.addrs()[1])
-    }
-
-    /// Points the balancer at `backends` by a reload, and waits until it
-    /// considers each of them up.
-    ///
-    /// # Errors
-    /// If the reload is refused or a backend is not up within 30 s.
-    pub async fn balance(&self, backends: &[(&str, SocketAddr)]) -> Result<(), String> {
-        std::fs::write(
-            &self.config,
-            tether_testkit::lb_config(self.policy, backends),
-        )
-        .map_err(|e| format!("writing {}: {e}", self.config.display()))?;
-        let r = Client::new()
-            .post_form(&self.admin("/reload"), "")
-            .await
-            .map_err(|e| format!("reload: {e}"))?;
-        if r.status != 200 {
-            return Err(format!("reload refused: {}", r.text()));
-        }
-        self.wait_up(backends).await
-    }
-
-    /// Waits until the balancer's `/status` says each of `backends` is up.
-    ///
-    /// # Errors
-    /// After 30 s.
-    pub async fn wait_up(&self, backends: &[(&str, SocketAddr)]) -> Result<(), String> {
-        let status = self.admin("/status");
-        let want: Vec<String> = backends.iter().map(|(id, _)| id.to_string()).collect();
-        eventually(READY_WITHIN, "the balancer to see every backend up", || {
-            let (status, want) = (status.clone(), want.clone());
-            async move {
-                let s = Client::new().get(&status).await.ok()?.json().ok()?;
-                let up: Vec<String> = s["backends"]
-                    .as_array()?
-                    .iter()
-                    .filter(|b| b["state"] == "up")
-                    .filter_map(|b| Some(b["id"].as_str()?.to_string()))
-                    .collect();
-                want.iter().all(|w| up.contains(w)).then_some(())
-            }
-        })
+/// The balancer of `strategy` over `backends` (health checks every 200 ms),
+/// its configuration in `dir`, once it considers every backend up. A reload
+/// ([`Balancer::reload`]) adds and removes backends while clients stay
+/// connected.
+///
+/// # Errors
+/// If it does not start, or a backend is not up within 30 s.
+pub async fn balancer(
+    bin: &Path,
+    dir: &Path,
+    strategy: Strategy,
+    backends: &[(&str, SocketAddr)],
+) -> Result<Balancer, String> {
+    let lb = Balancer::spawn(
+        bin,
+        dir.join("lb.toml"),
+        strategy.policy_name(),
+        backends,
+        &["--log-level", "error"],
+    )
+    .await
+    .map_err(|e| format!("balancer: {e}"))?;
+    lb.wait_up(backends, READY_WITHIN)
         .await
-        .map_err(|e| format!("{e}\n{}", self.process.log()))
-    }
+        .map_err(|e| e.to_string())?;
+    Ok(lb)
 }

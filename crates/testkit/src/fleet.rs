@@ -31,8 +31,7 @@ pub struct Fleet {
     mode: String,
     /// The nodes by name.
     pub nodes: BTreeMap<String, Member>,
-    lb: Option<Process>,
-    config: PathBuf,
+    lb: Option<Balancer>,
     _dir: tempfile::TempDir,
 }
 
@@ -92,7 +91,6 @@ impl Fleet {
     /// If a process cannot start or the fleet does not form in time.
     pub async fn start(bin: &Path, mode: &str, names: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let config = dir.path().join("lb.toml");
         let mut nodes = BTreeMap::new();
         for n in names {
             nodes.insert(
@@ -109,21 +107,17 @@ impl Fleet {
             mode: mode.to_string(),
             nodes,
             lb: None,
-            config,
             _dir: dir,
         };
         for n in names {
             fleet.boot(n).await;
         }
-        fleet.write_config(names);
-        let lb = Process::spawn_n(
+        let lb = Balancer::spawn(
             bin,
-            &[
-                "lb".into(),
-                "--config".into(),
-                fleet.config.display().to_string(),
-            ],
-            2,
+            fleet._dir.path().join("lb.toml"),
+            "owner",
+            &fleet.backends(names),
+            &[],
         )
         .await
         .unwrap();
@@ -182,10 +176,8 @@ impl Fleet {
         self.nodes.get_mut(name).unwrap().process = Some(p);
     }
 
-    fn write_config(&self, names: &[&str]) {
-        let backends: Vec<(&str, SocketAddr)> =
-            names.iter().map(|n| (*n, self.nodes[*n].http)).collect();
-        std::fs::write(&self.config, crate::lb_config("owner", &backends)).unwrap();
+    fn backends<'a>(&self, names: &[&'a str]) -> Vec<(&'a str, SocketAddr)> {
+        names.iter().map(|n| (*n, self.nodes[*n].http)).collect()
     }
 
     /// The balancer.
@@ -193,12 +185,16 @@ impl Fleet {
     /// # Panics
     /// Before [`Fleet::start`] finished.
     pub fn lb(&self) -> &Process {
+        self.balancer().process()
+    }
+
+    fn balancer(&self) -> &Balancer {
         self.lb.as_ref().expect("the balancer runs")
     }
 
     /// A URL of the balancer's admin listener.
     pub fn admin(&self, path: &str) -> String {
-        format!("http://{}{path}", self.lb().addrs()[1])
+        self.balancer().admin(path)
     }
 
     /// Points the balancer at `names` (a reload keeps its connections).
@@ -206,13 +202,10 @@ impl Fleet {
     /// # Panics
     /// If the balancer refuses the new configuration.
     pub async fn balance(&self, names: &[&str]) {
-        self.write_config(names);
-        let admin = self.admin("/reload");
-        let r = Client::new()
-            .send(http::Method::POST, &admin, &[], Default::default())
+        self.balancer()
+            .reload(&self.backends(names))
             .await
             .expect("reload");
-        assert_eq!(r.status, 200, "reload: {}", r.text());
     }
 
     /// The balancer's base URL.
@@ -321,5 +314,116 @@ impl Fleet {
             "{name} exited without handing off:\n{}",
             p.log()
         );
+    }
+}
+
+/// A `tether lb` process reading a configuration file, so that a reload
+/// (`POST /reload`) can add and remove backends while clients stay
+/// connected.
+pub struct Balancer {
+    process: Process,
+    config: PathBuf,
+    policy: String,
+}
+
+impl Balancer {
+    /// Starts `bin lb` with `policy` over `backends` (health checks every
+    /// 200 ms), its configuration written to `config`, with `args` added to
+    /// its command line. Does not wait for the backends: see
+    /// [`Balancer::wait_up`].
+    ///
+    /// # Errors
+    /// If the configuration cannot be written or the balancer does not start.
+    pub async fn spawn(
+        bin: &Path,
+        config: PathBuf,
+        policy: &str,
+        backends: &[(&str, SocketAddr)],
+        args: &[&str],
+    ) -> crate::Result<Self> {
+        std::fs::write(&config, crate::lb_config(policy, backends))?;
+        let mut all = vec![
+            "lb".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let process = Process::spawn_n(bin, &all, 2).await?;
+        Ok(Self {
+            process,
+            config,
+            policy: policy.to_string(),
+        })
+    }
+
+    /// The process.
+    pub fn process(&self) -> &Process {
+        &self.process
+    }
+
+    /// `http://addr` of the client listener followed by `path`.
+    pub fn url(&self, path: &str) -> String {
+        self.process.url(path)
+    }
+
+    /// A URL of the admin listener.
+    pub fn admin(&self, path: &str) -> String {
+        format!("http://{}{path}", self.process.addrs()[1])
+    }
+
+    /// Points the balancer at `backends`: rewrites its configuration and
+    /// reloads it (its connections stay).
+    ///
+    /// # Errors
+    /// If the file cannot be written or the reload is refused.
+    pub async fn reload(&self, backends: &[(&str, SocketAddr)]) -> crate::Result<()> {
+        std::fs::write(&self.config, crate::lb_config(&self.policy, backends))?;
+        let r = Client::new().post_form(&self.admin("/reload"), "").await?;
+        if r.status != 200 {
+            return Err(format!("reload refused: {}", r.text()).into());
+        }
+        Ok(())
+    }
+
+    /// [`Balancer::reload`], then [`Balancer::wait_up`].
+    ///
+    /// # Errors
+    /// As theirs.
+    pub async fn balance(
+        &self,
+        backends: &[(&str, SocketAddr)],
+        within: Duration,
+    ) -> crate::Result<()> {
+        self.reload(backends).await?;
+        self.wait_up(backends, within).await
+    }
+
+    /// Waits (up to `within`) until the balancer's `/status` says each of
+    /// `backends` is up.
+    ///
+    /// # Errors
+    /// When `within` passed, with the balancer's log.
+    pub async fn wait_up(
+        &self,
+        backends: &[(&str, SocketAddr)],
+        within: Duration,
+    ) -> crate::Result<()> {
+        let status = self.admin("/status");
+        let want: Vec<String> = backends.iter().map(|(id, _)| id.to_string()).collect();
+        eventually(within, "the balancer to see every backend up", || {
+            let (status, want) = (status.clone(), want.clone());
+            async move {
+                let s = Client::new().get(&status).await.ok()?.json().ok()?;
+                let up: Vec<String> = s["backends"]
+                    .as_array()?
+                    .iter()
+                    .filter(|b| b["state"] == "up")
+                    .filter_map(|b| Some(b["id"].as_str()?.to_string()))
+                    .collect();
+                want.iter().all(|w| up.contains(w)).then_some(())
+            }
+        })
+        .await
+        .map_err(|e| format!("{e}\n{}", self.process.log()).into())
     }
 }

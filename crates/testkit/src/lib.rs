@@ -27,7 +27,7 @@ pub use ::redis as redis_client;
 
 pub use client::{Client, Response};
 pub use fault::Isolation;
-pub use fleet::{cluster_settled, loopback, Fleet, Member};
+pub use fleet::{cluster_settled, loopback, Balancer, Fleet, Member};
 pub use process::{
     env_values, lb_args, lb_config, node_args, processes_with_env, Process, TestServer,
 };

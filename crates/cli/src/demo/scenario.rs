@@ -10,7 +10,7 @@ use tether_testkit::{eventually, RedisSentinels, RedisServer};
 use super::measure::{redis_command, redis_round_trips, Event, Row, Snapshot};
 use super::workload::{self, Shopping};
 use super::{DemoConfig, Scenario};
-use crate::fleet::{Balancer, Fleet};
+use crate::fleet::{balancer, Fleet, READY_WITHIN};
 use crate::strategy::Strategy;
 
 /// The Redis the Redis strategies share in the scenarios that do not kill
@@ -133,7 +133,7 @@ async fn attempt(
     row.extra_processes = backing.processes();
     let mut fleet = Fleet::start(bin, strategy, &["A", "B", "C"], backing.url()).await?;
     row.node_store_flags = fleet.store_flags();
-    let lb = Balancer::start(bin, fleet.dir(), strategy, &fleet.backends()).await?;
+    let lb = balancer(bin, fleet.dir(), strategy, &fleet.backends()).await?;
     let base = lb.url("");
     (
         row.login_node,
@@ -179,7 +179,9 @@ async fn attempt(
             fleet.boot("D").await?;
             fleet.wait_ready().await?;
             row.join_ms = Some(ms(joining.elapsed()));
-            lb.balance(&fleet.backends()).await?;
+            lb.balance(&fleet.backends(), READY_WITHIN)
+                .await
+                .map_err(|e| e.to_string())?;
             row.events.push(event(&shopping, "D in the balancer"));
             let (t4, at4) = (shopping.now(), Snapshot::take(&fleet).await);
             let calls4 = redis_calls(stats_url.as_deref()).await;
@@ -206,7 +208,9 @@ async fn attempt(
                 fleet.stop(id).await?;
                 fleet.boot(id).await?;
                 fleet.wait_ready().await?;
-                lb.wait_up(&fleet.backends()).await?;
+                lb.wait_up(&fleet.backends(), READY_WITHIN)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 row.events.push(event(&shopping, format!("{id} back")));
             }
             row.deploy_ms = Some(ms(deploy.elapsed()));
