@@ -77,6 +77,10 @@ pub(crate) fn cells() -> Vec<Cell> {
     vec![
         ("balancer policy", &[], |r| r.policy.clone()),
         ("still logged in on the next server", &[Kill], |r| {
+            if r.next_node.is_empty() {
+                // The login was refused, or the next page unanswered.
+                return "not measured".into();
+            }
             format!(
                 "{} ({}→{})",
                 yes_no(r.still_logged_in_after_switch),

@@ -35,6 +35,10 @@ pub(crate) async fn log_in_then_next_page(base: &str) -> (String, String, bool) 
         return Default::default();
     };
     let login_node = login.node().unwrap_or_default();
+    if login.status != 200 {
+        // A refused login says nothing of the next server.
+        return (login_node, String::new(), false);
+    }
     match user.get(&format!("{base}/mypage")).await {
         Ok(next) => (
             login_node,
