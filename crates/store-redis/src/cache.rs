@@ -176,6 +176,17 @@ impl NearCache {
             shard.remove(&id);
             return;
         }
+        // This node's requests of one session overlap, and Redis does not
+        // tell a node of its own writes (`NOLOOP`): an older state answered
+        // later must not replace a newer one, or it would stay.
+        if let Some(e) = shard.lru.peek(&id) {
+            let old = &e.cached.record;
+            if old.created == record.created
+                && (old.version, old.last_access) > (record.version, record.last_access)
+            {
+                return;
+            }
+        }
         // `push`, not `put`: it hands back what it evicted to stay within
         // the entry bound too, so the byte count stays true.
         if let Some((old_id, old)) = shard.lru.push(
@@ -202,9 +213,12 @@ impl NearCache {
         }
     }
 
-    /// Drops session `id` (this node could not follow its change).
+    /// Drops session `id`: this node changed it and could not follow, or
+    /// deleted it. Like an invalidation, it keeps out what reads and writes
+    /// already in flight would cache (Redis sends none for a node's own
+    /// writes), or a deleted session could come back.
     pub(crate) fn forget(&self, id: &SessionId) {
-        self.shard(id).remove(id);
+        self.entomb(id);
     }
 
     /// Redis said `key` changed (`PREFIX{ID}`: the ID is the hash tag).
@@ -217,6 +231,13 @@ impl NearCache {
         else {
             return;
         };
+        self.entomb(&id);
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops `id` and refuses results of tickets taken before now.
+    fn entomb(&self, id: &SessionId) {
+        let id = *id;
         let seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let mut shard = self.shard(&id);
         shard.remove(&id);
@@ -227,7 +248,6 @@ impl NearCache {
                 .tombs
                 .retain(|_, (_, at)| now.duration_since(*at) < TOMB_TTL);
         }
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops everything: what the server tracked for this node is gone.
@@ -313,6 +333,36 @@ mod tests {
         c.invalidate(&key(&r.id));
         assert!(c.get(&r.id).is_none());
         assert_eq!(c.stats().invalidations, 2);
+    }
+
+    #[test]
+    fn an_older_state_answered_later_does_not_replace_a_newer_one() {
+        let c = NearCache::new(100, 1 << 20);
+        let v1 = record_with(Timestamp::now(), &[("a", "1")]);
+        let mut v2 = v1.clone();
+        v2.version += 1;
+        let (t1, t2) = (c.ticket(), c.ticket());
+        c.put(t2, v2.clone(), meta(&v2));
+        c.put(t1, v1.clone(), meta(&v1));
+        assert_eq!(c.get(&v1.id).unwrap().record.version, v2.version);
+        // A new life of the same ID (deleted, created again) is not older.
+        let mut again = v1.clone();
+        again.created = Timestamp(v1.created.0 + 1);
+        c.put(c.ticket(), again.clone(), meta(&again));
+        assert_eq!(c.get(&v1.id).unwrap().record.created, again.created);
+    }
+
+    #[test]
+    fn forgetting_keeps_out_what_was_in_flight() {
+        let c = NearCache::new(100, 1 << 20);
+        let r = record_with(Timestamp::now(), &[("a", "1")]);
+        let t = c.ticket();
+        c.forget(&r.id);
+        c.put(t, r.clone(), meta(&r));
+        assert!(c.get(&r.id).is_none(), "a deleted session came back");
+        c.put(c.ticket(), r.clone(), meta(&r));
+        assert!(c.get(&r.id).is_some());
+        assert_eq!(c.stats().invalidations, 0, "a forget is not Redis's word");
     }
 
     #[test]

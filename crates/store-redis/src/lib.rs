@@ -699,12 +699,18 @@ impl RedisStore {
             .into_iter()
             .flatten()
             .find(|b| meta.is_some_and(|m| b.record.version + 1 == m.version));
-        self.cache.forget(id);
-        if let (Some(base), Some(meta)) = (written_over, meta) {
-            let mut record = base.record.clone();
-            record.apply(delta, now);
-            record.id = *new_id;
-            self.cache.put(ticket, record, meta);
+        match (written_over, meta) {
+            (Some(base), Some(meta)) => {
+                let mut record = base.record.clone();
+                record.apply(delta, now);
+                record.id = *new_id;
+                if new_id != id {
+                    self.cache.forget(id);
+                }
+                // Kept only if nothing newer is cached meanwhile.
+                self.cache.put(ticket, record, meta);
+            }
+            _ => self.cache.forget(id),
         }
     }
 

@@ -261,3 +261,45 @@ async fn the_cache_is_bounded_and_counts() {
     assert!(s.evictions >= 400, "{s:?}");
     assert!(s.bytes <= 64 * 400, "{s:?}");
 }
+
+/// One node's requests of one session overlap: their answers reach the
+/// cache in any order, and Redis tells a node nothing of its own writes.
+/// After every round the cached copy must be what Redis holds, never an
+/// older state that answered last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_own_writes_leave_the_newest_state_cached() {
+    let (store, server) = fixture().await;
+    let store = Arc::new(store);
+    let plain = RedisStore::open(&server.url()).unwrap();
+    let r = record_with(Timestamp::now(), &[("n", "0")]);
+    store.create(&r).await.unwrap();
+    for round in 0..40 {
+        let writers: Vec<_> = (0..8)
+            .map(|w| {
+                let store = store.clone();
+                let id = r.id;
+                tokio::spawn(async move {
+                    let d = set(&format!("w{w}"), &format!("{round}"));
+                    store.apply(&id, &d, Timestamp::now()).await.unwrap()
+                })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().expect("the session lives");
+        }
+        let state = |r: Record| {
+            let attrs: Vec<(String, String)> = r
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.get().to_string()))
+                .collect();
+            (r.version, attrs)
+        };
+        let truth = state(load(&plain, &r).await.unwrap());
+        let seen = state(load(&store, &r).await.unwrap());
+        assert_eq!(
+            seen, truth,
+            "round {round}: the cache kept an older state than Redis holds"
+        );
+    }
+}
