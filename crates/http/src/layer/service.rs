@@ -232,36 +232,24 @@ where
         } else {
             Device::default()
         };
-        let (session, via) = match &self.backend {
+        let (id, token, via) = match &self.backend {
             Backend::Store(..) => {
                 let (id, via) = incoming(req.headers(), &config);
-                (
-                    Session::new(
-                        self.backend.clone(),
-                        config.clone(),
-                        self.principals.clone(),
-                        id,
-                        None,
-                        device,
-                    ),
-                    via,
-                )
+                (id, None, via)
             }
             Backend::Jwt(_) => {
                 let (token, via) = incoming_token(req.headers(), &config);
-                (
-                    Session::new(
-                        self.backend.clone(),
-                        config.clone(),
-                        self.principals.clone(),
-                        None,
-                        token,
-                        device,
-                    ),
-                    via,
-                )
+                (None, token, via)
             }
         };
+        let session = Session::new(
+            self.backend.clone(),
+            config.clone(),
+            self.principals.clone(),
+            id,
+            token,
+            device,
+        );
         req.extensions_mut().insert(session.clone());
 
         Box::pin(async move {
